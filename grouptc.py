@@ -606,78 +606,100 @@ def _get_mi_kernel():
         import numba
 
         @numba.njit(parallel=True, cache=True)
-        def kernel(codes, edges, factors, n_values):
-            """codes (L, N) float64; edges (L, n_bins) left bin edges; factors (K, N) int64 in [0, n_values[k]).
-            -> (L, K) plug-in MI in nats of digitize(codes[i], edges[i]) and factors[k]."""
-            L, N = codes.shape
-            K = factors.shape[0]
+        def kernel(codes, edges, factors, n_values, n_chunks):
+            """codes (N, L) float64; edges (L, n_bins) left bin edges; factors (N, K) int64 in [0, n_values[k]);
+            n_chunks: parts of N counted in parallel.
+            -> (L, K) plug-in MI in nats of digitize(codes[:, i], edges[i]) and factors[:, k]; (K,) entropies."""
+            N, L = codes.shape
+            K = factors.shape[1]
             n_bins = edges.shape[1]
             vmax = n_values.max()
-            mi = np.zeros((L, K))
-            for i in numba.prange(L):
-                counts = np.zeros((K, n_bins + 1, vmax), np.int64)  # joint tables of bin label x factor class
-                e = edges[i]
-                for n in range(N):
-                    b = np.searchsorted(e, codes[i, n], side="right")  # = numpy.digitize(x, e): 1..n_bins
-                    for k in range(K):
-                        counts[k, b, factors[k, n]] += 1
-                for k in range(K):
+            inverse_width = np.empty(L)
+            for i in range(L):
+                inverse_width[i] = (n_bins - 1) / (edges[i, n_bins - 1] - edges[i, 0]) if n_bins > 1 else 0.0
+            counts = np.zeros((n_chunks, L, K, n_bins + 1, vmax), np.int64)  # joint tables: bin label x class
+            for chunk in numba.prange(n_chunks):
+                for n in range(chunk * N // n_chunks, (chunk + 1) * N // n_chunks):
+                    for i in range(L):
+                        x, e = codes[n, i], edges[i]
+                        # numpy.digitize(x, e) = the number of left edges <= x, in 1..n_bins: guess it from the
+                        # bin width, then step to the exact answer against the very edges numpy made.
+                        b = min(max(int((x - e[0]) * inverse_width[i]) + 1, 1), n_bins)
+                        while b < n_bins and x >= e[b]:
+                            b += 1
+                        while b > 1 and x < e[b - 1]:
+                            b -= 1
+                        for k in range(K):
+                            counts[chunk, i, k, b, factors[n, k]] += 1
+            joint = counts.sum(axis=0)  # (L, K, n_bins + 1, vmax)
+            mi, H = np.zeros((L, K)), np.zeros(K)
+            for k in range(K):
+                col = joint[0, k].sum(axis=0)  # (vmax,) factor counts
+                for v in range(n_values[k]):
+                    if col[v] > 0:
+                        H[k] -= col[v] / N * math.log(col[v] / N)
+                for i in range(L):
                     total = 0.0
-                    for b in range(n_bins + 1):
-                        row = 0
+                    for b in range(1, n_bins + 1):
+                        row = joint[i, k, b].sum()  # bin counts
                         for v in range(n_values[k]):
-                            row += counts[k, b, v]
-                        if row == 0:
-                            continue
-                        for v in range(n_values[k]):
-                            c = counts[k, b, v]
+                            c = joint[i, k, b, v]
                             if c > 0:
-                                col = 0
-                                for bb in range(n_bins + 1):
-                                    col += counts[k, bb, v]
-                                total += c / N * (math.log(c * N) - math.log(row * col))
+                                total += c / N * (math.log(c * N) - math.log(row * col[v]))
                     mi[i, k] = total
-            return mi
+            return mi, H
 
         _mi_kernel = kernel
     return _mi_kernel
 
 
 def _factor_labels(factors):
-    """(N, K) integer classes -> (K, N) int64 labels in [0, n_k) and n_k per factor."""
+    """(N, K) integer classes -> (N, K) int64 labels in [0, n_k) and n_k per factor (classes used as they are
+    when they are small non-negative integers, else replaced by their rank)."""
     factors = np.asarray(factors)
     if not np.issubdtype(factors.dtype, np.integer) or factors.ndim != 2:
         raise ValueError(f"factors must be an integer (N, K) array, got {factors.dtype} {factors.shape}")
-    if factors.min() >= 0 and factors.max() < 100_000:
-        labels = np.ascontiguousarray(factors.T, dtype=np.int64)
-        return labels, (labels.max(1) + 1).astype(np.int64)
-    inverse = [np.unique(f, return_inverse=True)[1].reshape(-1) for f in factors.T]
-    labels = np.stack(inverse).astype(np.int64)
-    return labels, (labels.max(1) + 1).astype(np.int64)
+    if len(factors) and factors.min() >= 0 and factors.max() < 1024:
+        labels = np.ascontiguousarray(factors, dtype=np.int64)
+    else:
+        labels = np.stack([np.unique(f, return_inverse=True)[1].reshape(-1) for f in factors.T], 1).astype(np.int64)
+    return labels, (labels.max(0) + 1).astype(np.int64)
 
 
 def factor_entropy(factors):
     """Empirical entropy in nats of each factor: (N, K) -> (K,)."""
     labels, n_values = _factor_labels(factors)
-    H = np.zeros(len(labels))
-    for k, f in enumerate(labels):
+    H = np.zeros(labels.shape[1])
+    for k, f in enumerate(labels.T):
         p = np.bincount(f, minlength=n_values[k]) / len(f)
         p = p[p > 0]
         H[k] = -(p * np.log(p)).sum()
     return H
 
 
-def mutual_info_matrix(codes, factors, n_bins=20):
+def mutual_info_and_entropy(codes, factors, n_bins=20):
     """(L, K) plug-in MI in nats between each code dim, cut into n_bins equal-width bins between its min and max
-    (numpy.histogram's edges, numpy.digitize's labels), and each factor. codes (N, L) float, factors (N, K) int."""
-    codes = np.asarray(codes, dtype=np.float64)
-    if codes.ndim != 2 or len(codes) != len(factors):
-        raise ValueError(f"codes must be (N, L) with N = len(factors) = {len(factors)}, got {codes.shape}")
-    if not np.isfinite(codes).all():
+    (numpy.histogram's edges, numpy.digitize's labels), and each factor; and the (K,) factor entropies.
+    codes (N, L) float, factors (N, K) integer classes."""
+    codes = np.ascontiguousarray(codes, dtype=np.float64)
+    if codes.ndim != 2 or len(codes) != len(factors) or len(codes) == 0:
+        raise ValueError(f"codes must be (N, L) with N = len(factors) = {len(factors)} > 0, got {codes.shape}")
+    lo, hi = codes.min(0), codes.max(0)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise ValueError("codes contain NaN or infinite values")
     labels, n_values = _factor_labels(factors)
-    edges = np.stack([np.histogram_bin_edges(c, n_bins)[:-1] for c in codes.T])  # (L, n_bins)
-    return _get_mi_kernel()(np.ascontiguousarray(codes.T), edges, labels, n_values)
+    # numpy.histogram's edges: linspace(min, max, n_bins + 1), widened by 0.5 on each side for a constant dim.
+    flat = lo == hi
+    lo, hi = np.where(flat, lo - 0.5, lo), np.where(flat, hi + 0.5, hi)
+    edges = np.stack([np.linspace(a, b, n_bins + 1)[:-1] for a, b in zip(lo, hi)])  # (L, n_bins)
+    kernel = _get_mi_kernel()
+    import numba
+    return kernel(codes, edges, labels, n_values, numba.get_num_threads())
+
+
+def mutual_info_matrix(codes, factors, n_bins=20):
+    """(L, K) plug-in MI in nats between each binned code dim and each factor (see mutual_info_and_entropy)."""
+    return mutual_info_and_entropy(codes, factors, n_bins)[0]
 
 
 def _gap_score(gaps, H):
@@ -689,9 +711,8 @@ def _gap_score(gaps, H):
 def mig(codes, factors, n_bins=20):
     """Mutual Information Gap (disentanglement_lib's discrete MIG): mean over factors of the gap between the two
     largest I(z_i; v_k), over H(v_k). Factors with one value are left out."""
-    mi = mutual_info_matrix(codes, factors, n_bins)
-    top = np.sort(mi, axis=0)[::-1]
-    return _gap_score(top[0] - top[1], factor_entropy(factors))
+    mi, H = mutual_info_and_entropy(codes, factors, n_bins)
+    return mig_from_matrix(mi, H)
 
 
 def group_gaps(mi, content_latents, content_factors):
@@ -705,8 +726,10 @@ def group_mig(codes, factors, content_latents, content_factors, n_bins=20, mi=No
     """group-MIG (paper, Sec. 4): mean over factors of (max I over the latents of the factor's own group - max I
     over the other latents) / H(v_k). Negative when information sits in the wrong group. `mi` skips the MI step."""
     if mi is None:
-        mi = mutual_info_matrix(codes, factors, n_bins)
-    return _gap_score(group_gaps(mi, content_latents, content_factors), factor_entropy(factors))
+        mi, H = mutual_info_and_entropy(codes, factors, n_bins)
+    else:
+        H = factor_entropy(factors)
+    return _gap_score(group_gaps(mi, content_latents, content_factors), H)
 
 
 def mig_from_matrix(mi, H):
@@ -1055,8 +1078,7 @@ def evaluate(run, n_samples, seed=0):
     t0 = time.perf_counter()
     codes = encode_means(run.vae, data, classes)
     factors = classes.cpu().numpy()
-    mi = mutual_info_matrix(codes, factors)
-    H = factor_entropy(factors)
+    mi, H = mutual_info_and_entropy(codes, factors)
     content_latents = list(range(a.latent_dim - a.content_dims, a.latent_dim))
     metrics = {
         "mig": mig_from_matrix(mi, H),
@@ -1105,15 +1127,31 @@ def plot_mi_matrix(metrics, path):
     plt.close(fig)
 
 
-def _show(ax, img):
-    ax.imshow(img.permute(1, 2, 0).squeeze(-1).cpu().float().numpy(), cmap="gray", vmin=0, vmax=1)
-    ax.set_xticks([]), ax.set_yticks([])
+def tile(images, pad=2):
+    """(R, C, ch, H, W) images in [0, 1] -> one (R*(H+pad)-pad, C*(W+pad)-pad, 3) numpy picture, white gaps."""
+    R, C, ch, H, W = images.shape
+    images = images.float().cpu().expand(R, C, 3, H, W) if ch == 1 else images.float().cpu()
+    canvas = torch.ones(R, H + pad, C, W + pad, 3)
+    canvas[:, :H, :, :W] = images.permute(0, 3, 1, 4, 2)
+    return canvas.reshape(R * (H + pad), C * (W + pad), 3)[:-pad, :-pad].numpy()
+
+
+def _image_figure(picture, path, row_labels, title, rows, cols, dpi=100):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(0.75 * cols + 1.2, 0.75 * rows + 0.6))
+    ax.imshow(picture, interpolation="nearest")
+    ax.set_yticks((np.arange(rows) + 0.5) * picture.shape[0] / rows, row_labels, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 @torch.no_grad()
-def plot_reconstructions(run, path, n_groups=6, seed=0):
-    """Figure 5(a, c): each row a group of observations, then their reconstructions from the encoder means."""
-    plt = _plt()
+def plot_reconstructions(run, path, n_groups=8, seed=0):
+    """Figure 5(a, c): each row one group of observations (left) and their reconstructions from the encoder
+    means (right)."""
     a, data = run.args, run.data
     gen = torch.Generator(device=run.device).manual_seed(seed + 11)
     classes, shares = sample_groups(data.factor_sizes, run.content_factors, n_groups, a.group_size, gen)
@@ -1122,26 +1160,16 @@ def plot_reconstructions(run, path, n_groups=6, seed=0):
     rec = torch.sigmoid(run.vae.decode(run.vae.encode(x)[0]).float())
     run.vae.train()
     G = a.group_size
-    fig, axes = plt.subplots(n_groups, 2 * G, figsize=(1.3 * 2 * G, 1.3 * n_groups + 0.5), squeeze=False)
-    for b in range(n_groups):
-        for g in range(G):
-            _show(axes[b, g], x[b * G + g])
-            _show(axes[b, G + g], rec[b * G + g])
-        axes[b, 0].set_ylabel("shares c" if shares[b] else "shares \\c", fontsize=8)
-    axes[0, 0].set_title("observations", loc="left", fontsize=9)
-    axes[0, G].set_title("reconstructions", loc="left", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    both = torch.cat([x.view(n_groups, G, *x.shape[1:]), rec.view(n_groups, G, *x.shape[1:])], 1)
+    labels = ["shares c" if s else "shares \\c" for s in shares.tolist()]
+    _image_figure(tile(both), path, labels, f"{G} observations of a group | their reconstructions", n_groups, 2 * G)
 
 
 @torch.no_grad()
 def plot_traversals(run, codes, path, n_steps=9, seed=0):
     """Figure 5(b, d): row i varies z_i alone from its 1st to its 99th percentile over the evaluated codes,
     the other dims held at one observation's code."""
-    plt = _plt()
-    a = run.args
-    L = a.latent_dim
+    L = run.args.latent_dim
     lo, hi = np.percentile(codes, 1, axis=0), np.percentile(codes, 99, axis=0)
     z = torch.as_tensor(codes[seed % len(codes)], dtype=torch.float32, device=run.device).repeat(L, n_steps, 1)
     for i in range(L):
@@ -1149,16 +1177,9 @@ def plot_traversals(run, codes, path, n_steps=9, seed=0):
     run.vae.eval()
     imgs = torch.sigmoid(run.vae.decode(z.view(-1, L)).float()).view(L, n_steps, run.data.channels, 64, 64)
     run.vae.train()
-    fig, axes = plt.subplots(L, n_steps, figsize=(1.1 * n_steps + 0.8, 1.1 * L), squeeze=False)
-    n_s = L - a.content_dims
-    for i in range(L):
-        for j in range(n_steps):
-            _show(axes[i, j], imgs[i, j])
-        axes[i, 0].set_ylabel(f"z{i + 1} ({'c' if i >= n_s else chr(92) + 'c'})", fontsize=8)
-    fig.suptitle("latent traversals: row i varies z_i (1st to 99th percentile)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    n_s = L - run.args.content_dims
+    labels = [f"z{i + 1} ({'c' if i >= n_s else chr(92) + 'c'})" for i in range(L)]
+    _image_figure(tile(imgs), path, labels, "traversals: row i varies z_i (1st to 99th percentile)", L, n_steps)
 
 
 def plot_training_curves(log_path, path):

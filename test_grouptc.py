@@ -405,3 +405,321 @@ def test_objectives_assemble_their_terms(tmp_path):
     shared = gt.shared_dims(shares, 10, 5)
     agg = torch.where(shared[:, None], m, mu)
     assert torch.equal(agg[:, 0][shared], agg[:, 1][shared])
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def slow_mutual_info(codes, factors, n_bins=20):
+    """disentanglement_lib's recipe written out with plain loops: numpy.histogram edges, numpy.digitize labels,
+    plug-in MI from the joint frequency table."""
+    N, L = codes.shape
+    mi = np.zeros((L, factors.shape[1]))
+    for i in range(L):
+        labels = np.digitize(codes[:, i], np.histogram(codes[:, i], n_bins)[1][:-1])
+        for k in range(factors.shape[1]):
+            joint, row, col = {}, {}, {}
+            for a, b in zip(labels.tolist(), factors[:, k].tolist()):
+                joint[a, b] = joint.get((a, b), 0) + 1
+                row[a] = row.get(a, 0) + 1
+                col[b] = col.get(b, 0) + 1
+            mi[i, k] = sum(c / N * math.log(c * N / (row[a] * col[b])) for (a, b), c in joint.items())
+    return mi
+
+
+def slow_entropy(f):
+    _, counts = np.unique(f, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def slow_mig(codes, factors):
+    mi = slow_mutual_info(codes, factors)
+    gaps = []
+    for k in range(factors.shape[1]):
+        h = slow_entropy(factors[:, k])
+        if h > 0:
+            top = sorted(mi[:, k], reverse=True)
+            gaps.append((top[0] - top[1]) / h)
+    return float(np.mean(gaps))
+
+
+def slow_group_mig(codes, factors, content_latents, content_factors):
+    mi = slow_mutual_info(codes, factors)
+    terms = []
+    for k in range(factors.shape[1]):
+        h = slow_entropy(factors[:, k])
+        if h == 0:
+            continue
+        own = [i for i in range(codes.shape[1]) if (i in content_latents) == (k in content_factors)]
+        other = [i for i in range(codes.shape[1]) if i not in own]
+        terms.append((max(mi[own, k]) - max(mi[other, k])) / h)
+    return float(np.mean(terms))
+
+
+def awkward_codes(n, seed):
+    """Codes with the cases that trip histogram estimators: ties, a constant dim, outliers, negative values."""
+    rng = np.random.default_rng(seed)
+    factors = np.stack([rng.integers(0, s, n) for s in (3, 6, 40, 1, 7)], 1)  # a one-valued factor too
+    codes = np.stack([factors[:, 0] + 0.3 * rng.standard_normal(n), np.round(rng.standard_normal(n), 1),
+                      np.full(n, 2.5), factors[:, 2] / 7.0 + 0.01 * rng.standard_normal(n),
+                      rng.standard_normal(n) ** 3, -np.abs(factors[:, 4] - 3.0), factors[:, 1] * 1.0], 1)
+    return codes, factors
+
+
+@pytest.mark.parametrize("n", [1, 2, 999, 2001])
+def test_metrics_match_the_slow_definition(n):
+    codes, factors = awkward_codes(n, seed=n)
+    mi = gt.mutual_info_matrix(codes, factors)
+    assert mi.shape == (7, 5)
+    assert np.abs(mi - slow_mutual_info(codes, factors)).max() < 1e-9
+    if n > 1:
+        assert abs(gt.mig(codes, factors) - slow_mig(codes, factors)) < 1e-9
+        assert abs(gt.group_mig(codes, factors, [4, 5, 6], [0, 1, 2]) -
+                   slow_group_mig(codes, factors, [4, 5, 6], [0, 1, 2])) < 1e-9
+    assert np.allclose(gt.factor_entropy(factors), [slow_entropy(f) for f in factors.T], atol=1e-12)
+
+
+def test_metrics_accept_arbitrary_integer_labels():
+    codes, factors = awkward_codes(500, seed=4)
+    shifted = factors * 1_000_003 - 7  # large and negative classes: relabelled, same MI
+    assert np.abs(gt.mutual_info_matrix(codes, shifted) - gt.mutual_info_matrix(codes, factors)).max() < 1e-12
+
+
+def test_mi_closed_forms():
+    rng = np.random.default_rng(0)
+    v = rng.integers(0, 10, (100_000, 1))
+    # I(v; v) = H(v) when each value lands in its own bin.
+    assert abs(gt.mutual_info_matrix(v.astype(float), v)[0, 0] - slow_entropy(v[:, 0])) < 1e-12
+    # Independent code and factor: about 0 (plug-in bias ~ (bins-1)(values-1)/2N = 8.6e-4).
+    assert gt.mutual_info_matrix(rng.standard_normal((100_000, 1)), v)[0, 0] < 2e-3
+    # Constant and duplicated latents.
+    assert gt.mutual_info_matrix(np.zeros((1000, 1)), v[:1000])[0, 0] == 0
+    assert gt.mig(np.zeros((1000, 3)), v[:1000]) == 0
+    dup = np.repeat(v[:1000].astype(float), 2, axis=1)
+    assert gt.mig(dup, v[:1000]) == 0
+
+
+def test_perfect_code_on_the_dsprites_grid_scores_0_8955():
+    """reference.md: an identity code of 10,000 uniform dSprites points scores about 0.8955 under 20 bins."""
+    rng = np.random.default_rng(0)
+    factors = np.stack([rng.integers(0, s, 10_000) for s in gt.DSPRITES_SIZES], 1)
+    score = gt.mig(factors.astype(float), factors)
+    assert abs(score - 0.8955) < 0.01
+    # group-MIG subtracts only the best latent of the OTHER group, so it is at least MIG here.
+    assert score <= gt.group_mig(factors.astype(float), factors, [0, 1, 2], [0, 1, 2]) < score + 0.01
+
+
+def test_group_mig_is_negative_when_information_sits_in_the_wrong_group():
+    rng = np.random.default_rng(1)
+    factors = np.stack([rng.integers(0, 6, 5000) for _ in range(4)], 1)
+    codes = factors.astype(float) + 0.05 * rng.standard_normal((5000, 4))
+    # latents 0,1 carry factors 0,1 and are called content; but factors 2,3 are the content factors.
+    assert gt.group_mig(codes, factors, content_latents=[0, 1], content_factors=[2, 3]) < -0.5
+    assert gt.group_mig(codes, factors, content_latents=[2, 3], content_factors=[2, 3]) > 0.5
+
+
+def test_metrics_reject_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        gt.mutual_info_matrix(np.array([[np.nan], [1.0]]), np.array([[0], [1]]))
+    with pytest.raises(ValueError, match="integer"):
+        gt.mutual_info_matrix(np.zeros((2, 1)), np.zeros((2, 1)))
+    with pytest.raises(ValueError, match="N = len"):
+        gt.mutual_info_matrix(np.zeros((3, 1)), np.zeros((2, 1), int))
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+TINY = ["--steps", "6", "--batch-size", "4", "--log-every", "3", "--checkpoint-every", "3", "--eval-samples", "300"]
+FIGURES = ("mi_matrix.png", "reconstructions.png", "traversals.png", "training_curves.png")
+
+
+@pytest.mark.parametrize("model,dataset,extra", [
+    ("group_tcvae", "dsprites_procedural", []),
+    ("group_tcvae", "dsprites_procedural", ["--tc-level", "inter_intra", "--group-size", "3"]),
+    ("group_tcvae", "shapes3d_procedural", ["--tc-level", "full"]),
+    ("mlvae", "dsprites_procedural", ["--group-size", "5"]),
+    ("gvae", "shapes3d_procedural", ["--content-factors", "floor_hue,wall_hue"]),
+])
+def test_every_model_trains_and_writes_every_output(tmp_path, model, dataset, extra):
+    out = tmp_path / "run"
+    assert gt.main(["--model", model, "--dataset", dataset, "--out", str(out), *TINY, *extra]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == model and config["dataset"] == dataset
+    rows = gt.read_log(out / "log.csv")
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert set(gt.TERMS[model]) | {"step", "ms_per_step"} == set(rows[0])
+    assert all(math.isfinite(float(v)) for r in rows for v in r.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("mig", "group_mig", "mi_matrix", "factor_names", "model", "dataset", "steps", "train_seconds"):
+        assert key in metrics
+    assert metrics["steps"] == 6 and metrics["eval_samples"] == 300 and metrics["train_seconds"] > 0
+    assert np.array(metrics["mi_matrix"]).shape == (10, len(metrics["factor_names"]))
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 6 and {"vae", "vae_opt", "data_gen", "model_gen", "args"} <= set(checkpoint)
+    for name in FIGURES:
+        assert (out / name).stat().st_size > 5_000, name
+
+
+def run_main_interrupted_at(step, argv):
+    """Run main() and press Ctrl-C (a real SIGINT) right after training step `step`."""
+    original = gt.Run.train_step
+
+    def step_then_interrupt(self):
+        values = original(self)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return values
+
+    gt.Run.train_step = step_then_interrupt
+    try:
+        with pytest.raises(SystemExit) as stop:
+            gt.main(argv)
+        return stop.value.code
+    finally:
+        gt.Run.train_step = original
+
+
+@pytest.mark.parametrize("model", ["group_tcvae", "mlvae"])
+def test_interrupted_and_resumed_run_logs_exactly_like_an_uninterrupted_one(tmp_path, model):
+    argv = ["--model", model, "--dataset", "dsprites_procedural", "--steps", "12", "--batch-size", "4",
+            "--log-every", "4", "--checkpoint-every", "100", "--eval-samples", "200"]
+    assert gt.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert run_main_interrupted_at(6, argv + ["--out", str(tmp_path / "b")]) == 130  # Ctrl-C writes a checkpoint
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 6
+    assert gt.main(["--resume", "--out", str(tmp_path / "b")]) == 0  # the saved flags come back
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "ms_per_step"} for r in rows]
+    a, b = gt.read_log(tmp_path / "a" / "log.csv"), gt.read_log(tmp_path / "b" / "log.csv")
+    assert [r["step"] for r in a] == ["4", "8", "12"]
+    assert drop_time(a) == drop_time(b)
+    ma, mb = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in "ab")
+    assert ma["mi_matrix"] == mb["mi_matrix"]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    original = gt.group_objective
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, terms, z = original(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), terms, z) if calls["n"] >= 5 else (loss, terms, z)
+
+    monkeypatch.setattr(gt, "group_objective", poisoned)
+    out = tmp_path / "run"
+    code = gt.main(["--model", "gvae", "--dataset", "dsprites_procedural", "--steps", "8", "--batch-size", "4",
+                    "--log-every", "2", "--checkpoint-every", "2", "--out", str(out)])
+    assert code == 2
+    assert "NaN or infinite" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4  # steps 1-4 were good
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--beta", "-1"], "--beta must be a non-negative"),
+    (["--gamma", "nan"], "--gamma must be a non-negative"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--steps", "-5"], "--steps must be positive"),
+    (["--group-size", "1"], "--group-size must be at least 2"),
+    (["--content-dims", "10"], "--content-dims (10) must be smaller than --latent-dim (10)"),
+    (["--content-factors", "shape,hue"], "unknown factor 'hue'"),
+    (["--device", "tpu9"], "--device"),
+    (["--eval-samples", "-1"], "--eval-samples"),
+])
+def test_bad_flags_get_a_clear_message(tmp_path, capsys, flags, message):
+    code = gt.main(["--dataset", "dsprites_procedural", "--out", str(tmp_path / "run"), *TINY, *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert gt.main(["--model", "mlvae", "--dataset", "dsprites_procedural", "--out", out, *TINY]) == 0
+    before = (tmp_path / "run" / "metrics.json").read_bytes()
+    assert gt.main(["--model", "mlvae", "--dataset", "dsprites_procedural", "--out", out, *TINY]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert gt.main(["--resume", "--out", out, "--model", "gvae"]) == 2
+    assert "--model gvae differs" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == before
+
+
+def test_eval_only_re_evaluates_a_saved_run(tmp_path):
+    out = str(tmp_path / "run")
+    assert gt.main(["--model", "gvae", "--dataset", "dsprites_procedural", "--out", out, *TINY]) == 0
+    first = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    (tmp_path / "run" / "mi_matrix.png").unlink()
+    assert gt.main(["--eval-only", "--out", out, "--eval-samples", "700"]) == 0
+    again = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert again["eval_samples"] == 700 and again["steps"] == first["steps"] and again["model"] == "gvae"
+    assert (tmp_path / "run" / "mi_matrix.png").exists()
+    assert gt.main(["--eval-only", "--out", str(tmp_path / "nothing")]) == 2
+
+
+def test_evaluation_on_every_point_uses_the_whole_grid(tmp_path, monkeypatch):
+    run = tiny_run(tmp_path, model="gvae")
+    monkeypatch.setattr(type(run.data), "factor_sizes", (3, 2, 2, 4, 3))  # a small grid: 144 points
+    metrics, codes = gt.evaluate(run, 0)
+    assert metrics["eval_samples"] == 144 and codes.shape == (144, 10)
+
+
+# ------------------------------------------------------------------------------------------------ grid, README
+def test_run_paper_dry_run_lists_the_whole_grid():
+    out = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=os.environ | {"DRY_RUN": "1"},
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 500 and len(set(out)) == 500
+    assert all(line.startswith("python grouptc.py --model ") for line in out)
+    count = lambda *parts: sum(all(p in line for p in parts) for line in out)
+    for d in ("dsprites", "shapes3d"):
+        assert count("--model group_tcvae", f"--dataset {d} ", "--tc-level inter ", "--group-size 2 ") == 150
+        for m in ("mlvae", "gvae"):
+            assert count(f"--model {m}", f"--dataset {d} ", "--group-size 2 ") == 30
+            for gs in (3, 5, 10):
+                assert count(f"--model {m}", f"--dataset {d} ", f"--group-size {gs} ") == 5
+        assert count("--model group_tcvae", f"--dataset {d} ", "--tc-level full") == 5
+    for line in out[:3]:  # every flag explicit, and each line parses
+        args = gt.parse_args(line.split()[2:])
+        assert len(args.given) >= 18
+
+
+def test_a_tiny_grid_runs_through_run_paper_and_the_summary(tmp_path):
+    env = os.environ | {"STEPS": "2", "SEEDS": "0", "DATASETS": "dsprites_procedural", "TCVAE_BETAS": "10",
+                        "TCVAE_GAMMAS": "1", "BASE_BETAS": "1", "GROUP_SIZES": "2 3", "TC_LEVELS": "inter full",
+                        "ABLATION_GAMMA": "1",
+                        "BATCH_SIZE": "4", "EVAL_SAMPLES": "200", "JOBS": "2", "RUNS_DIR": str(tmp_path / "runs"),
+                        "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = sorted((tmp_path / "runs" / "dsprites_procedural").iterdir())
+    # group-tcVAE, MLVAE, GVAE at group size 2 and 3, the 'full' TC level: 6 runs
+    assert len(runs) == 6 and all((r / "metrics.json").exists() for r in runs)
+    for name in ("figure4", "figure3b", "figure3c"):
+        assert (tmp_path / "runs" / f"{name}_dsprites_procedural.png").stat().st_size > 5_000
+    table = (tmp_path / "runs" / "results.md").read_text()
+    assert "| group_tcvae | 1 |" in table and "| mlvae (group size 3) | 1 |" in table
+    assert "| group_tcvae (TC full) | 1 |" in table
+    again = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "start" not in again.stderr  # finished runs are skipped
+
+
+def test_summary_of_an_empty_folder_is_a_clear_error(tmp_path, capsys):
+    assert gt.main(["--summarize", str(tmp_path)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
+
+
+def readme_commands():
+    text = (HERE / "README.md").read_text()
+    return [line.strip().lstrip("$ ") for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
+            for line in block.splitlines() if line.strip().lstrip("$ ").startswith("python grouptc.py")]
+
+
+def test_readme_commands_parse_and_the_offline_ones_run(tmp_path):
+    commands = readme_commands()
+    assert any("--dataset dsprites_procedural" in c for c in commands)
+    assert any(c.startswith("python grouptc.py --model group_tcvae --dataset dsprites") for c in commands)
+    ran = 0
+    for c in commands:
+        argv = c.split()[2:]
+        args = gt.parse_args(argv)  # every flag of the README exists
+        if "_procedural" in c and not args.eval_only and args.summarize is None:
+            out = tmp_path / f"run{ran}"
+            assert gt.main(argv + ["--out", str(out)] + TINY) == 0, c
+            ran += 1
+    assert ran >= 1
