@@ -705,9 +705,15 @@ def test_summary_of_an_empty_folder_is_a_clear_error(tmp_path, capsys):
 
 
 def readme_commands():
+    """Every `python grouptc.py ...` command in the README's code blocks, comments removed."""
     text = (HERE / "README.md").read_text()
-    return [line.strip().lstrip("$ ") for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
-            for line in block.splitlines() if line.strip().lstrip("$ ").startswith("python grouptc.py")]
+    commands = []
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            for part in line.split("#")[0].split("&&"):
+                if part.strip().startswith("python grouptc.py"):
+                    commands.append(part.strip())
+    return commands
 
 
 def test_readme_commands_parse_and_the_offline_ones_run(tmp_path):
@@ -717,6 +723,11 @@ def test_readme_commands_parse_and_the_offline_ones_run(tmp_path):
     ran = 0
     for c in commands:
         argv = c.split()[2:]
+        if argv == ["--help"]:
+            with pytest.raises(SystemExit) as done:
+                gt.parse_args(argv)
+            assert done.value.code == 0
+            continue
         args = gt.parse_args(argv)  # every flag of the README exists
         if "_procedural" in c and not args.eval_only and args.summarize is None:
             out = tmp_path / f"run{ran}"
