@@ -875,22 +875,27 @@ class Run:
         self.model_gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)  # noise, permutations
         self.blocks = tc_blocks(args.tc_level, args.latent_dim, args.content_dims).to(device)
         self.step, self.train_seconds = 0, 0.0
-        self.vae_fn, self.D_fn = self.vae, self.D
-        if args.compile:
-            self.vae_fn = torch.compile(self.vae)
-            self.D_fn = torch.compile(self.D) if self.D is not None else None
+        if args.compile:  # in place: the state dict keeps its keys, so checkpoints load either way
+            for module in (self.vae.encoder, self.vae.decoder, self.D):
+                if module is not None:
+                    module.compile()
         self.amp = device.type == "cuda"  # bf16 autocast on CUDA; the TC log-ratio stays fp32
 
-    def train_step(self):
-        """One step on a fresh batch of groups -> (n_terms,) detached tensor of the step's terms."""
+    def sample_batch(self):
+        """A fresh batch of groups: x (B, G, C, 64, 64) and shares_content (B,), drawn and rendered on the device."""
         a = self.args
         classes, shares_content = sample_groups(self.data.factor_sizes, self.content_factors, a.batch_size,
                                                 a.group_size, self.data_gen)
         x = self.data.images(classes.flatten(0, 1)).view(a.batch_size, a.group_size, self.data.channels, 64, 64)
+        return x, shares_content
+
+    def update(self, x, shares_content):
+        """One optimisation step of the VAE (and of D for group-tcVAE) on a batch -> the list of its terms."""
+        a = self.args
         if self.D is not None:
             self.D.requires_grad_(False)  # the VAE's loss moves the encoder through D, never D itself
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss, terms, z = group_objective(a.model, self.vae_fn, self.D_fn, x, shares_content, a.beta, a.gamma,
+            loss, terms, z = group_objective(a.model, self.vae, self.D, x, shares_content, a.beta, a.gamma,
                                              a.content_dims, self.model_gen)
         self.vae_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -900,11 +905,16 @@ class Run:
             self.D.requires_grad_(True)
             z_perm = permute_codes(z.detach(), self.blocks, self.model_gen)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                d_loss, d_acc = discriminator_loss(self.D_fn, z, z_perm)
+                d_loss, d_acc = discriminator_loss(self.D, z, z_perm)
             self.d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             self.d_opt.step()
             values += [d_loss, d_acc]
+        return values
+
+    def train_step(self):
+        """One step on a fresh batch of groups -> (n_terms,) detached tensor of the step's terms."""
+        values = self.update(*self.sample_batch())
         self.step += 1
         return torch.stack([v.detach().float() for v in values])
 

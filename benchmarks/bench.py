@@ -1,0 +1,220 @@
+"""Benchmarks for grouptc.py: prints figures side by side from one run on one machine.
+
+    python benchmarks/bench.py                          # everything, CPU
+    python benchmarks/bench.py --only step mig          # some sections
+    python benchmarks/bench.py --device cuda --compile  # on a GPU (bf16 autocast), networks compiled
+
+Sections:
+  step    training step (32 groups) of each model vs a bare step of the same networks on one fixed batch (no
+          sampling, rendering or bookkeeping); the ratio is the overhead of everything around the networks.
+          Blocks of steps alternate between the two so that a noisy machine hits both alike.
+  render  images/s of both built-in renderers, at the training batch (64) and at 4,096.
+  gather  the cost of gathering a batch from a full-size in-memory uint8 array (file-backed data sets).
+  mig     mig() against a reference built on sklearn.metrics.mutual_info_score per (latent, factor) pair, at
+          N = 10,000 and N = 737,280 (needs scikit-learn; the program itself does not).
+  load    load time and peak memory (ru_maxrss of a fresh process) of full-size dSprites (npz) and 3D Shapes
+          (h5) files in the official layouts, written first into --data-dir from the built-in renderers.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import grouptc as gt  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, n, device):
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def bench_step(device, compile_, blocks, block_steps, dataset):
+    results = {}
+    for model in gt.MODELS:
+        argv = ["--model", model, "--dataset", dataset, "--out", "unused"] + (["--compile"] if compile_ else [])
+        run = gt.Run(gt.finish_args(gt.parse_args(argv)), device)
+        x, shares = run.sample_batch()
+        bare = lambda: run.update(x, shares)  # noqa: E731
+        full = run.train_step
+        for _ in range(10 if not compile_ else 30):  # warm-up (and compilation)
+            full(), bare()
+        t_full, t_bare = [], []
+        for _ in range(blocks):
+            t_full.append(timed(full, block_steps, device))
+            t_bare.append(timed(bare, block_steps, device))
+        ms_full, ms_bare = 1000 * statistics.median(t_full), 1000 * statistics.median(t_bare)
+        results[model] = {"step_ms": ms_full, "bare_ms": ms_bare, "ratio": ms_full / ms_bare,
+                          "steps_per_s": 1000 / ms_full, "images_per_s": 64 * 1000 / ms_full,
+                          "full_run_minutes_300k": 300_000 * ms_full / 60_000}
+        print(f"step  {model:12s} {ms_full:8.2f} ms/step   bare {ms_bare:8.2f} ms   ratio {ms_full / ms_bare:5.3f}"
+              f"   {1000 / ms_full:7.1f} steps/s   {64000 / ms_full:8.0f} images/s"
+              f"   300k steps: {300_000 * ms_full / 60_000:6.1f} min", flush=True)
+    return results
+
+
+def bench_render(device):
+    results = {}
+    for cls in (gt.DSpritesProcedural, gt.Shapes3DProcedural):
+        data = cls(device)
+        for batch in (64, 4096):
+            g = torch.Generator(device=device).manual_seed(0)
+            sizes = torch.tensor(data.factor_sizes, device=device)
+            classes = (torch.rand(batch, len(sizes), generator=g, device=device) * sizes).long()
+            n = max(3, 20_000 // batch)
+            timed(lambda: data.images(classes), 2, device)
+            seconds = timed(lambda: data.images(classes), n, device)
+            results[f"{data.name}_{batch}"] = batch / seconds
+            print(f"render {data.name:20s} batch {batch:5d}: {batch / seconds:12,.0f} images/s", flush=True)
+    return results
+
+
+def bench_gather(device):
+    results = {}
+    for name, shape, sizes in (("dsprites", (737_280, 64, 64), gt.DSPRITES_SIZES),
+                               ("shapes3d", (480_000, 64, 64, 3), gt.SHAPES3D_SIZES)):
+        array = np.ones(shape, np.uint8)  # full size, every page touched
+        data = gt.ArrayData(array, [f"f{k}" for k in range(len(sizes))], sizes, ["f0"], name, device)
+        del array
+        g = torch.Generator(device=device).manual_seed(0)
+        classes, _ = gt.sample_groups(sizes, [0], 32, 2, g)
+        classes = classes.flatten(0, 1)
+        timed(lambda: data.images(classes), 5, device)
+        seconds = timed(lambda: data.images(classes), 200, device)
+        results[name] = {"batch64_ms": 1000 * seconds, "images_per_s": 64 / seconds}
+        print(f"gather {name:9s} full size, batch 64: {1000 * seconds:7.3f} ms  ({64 / seconds:12,.0f} images/s)",
+              flush=True)
+        del data
+    return results
+
+
+def sklearn_mig(codes, factors):
+    """The reference: disentanglement_lib's recipe with sklearn's mutual_info_score per (latent, factor) pair."""
+    from sklearn.metrics import mutual_info_score
+    binned = np.stack([np.digitize(c, np.histogram(c, 20)[1][:-1]) for c in codes.T])
+    mi = np.array([[mutual_info_score(f, b) for f in factors.T] for b in binned])
+    H = np.array([mutual_info_score(f, f) for f in factors.T])
+    top = np.sort(mi, axis=0)[::-1]
+    return float(np.mean((top[0] - top[1])[H > 0] / H[H > 0]))
+
+
+def bench_mig():
+    results = {}
+    rng = np.random.default_rng(0)
+    gt.mig(rng.standard_normal((100, 3)), rng.integers(0, 3, (100, 2)))  # load the compiled kernel
+    for n in (10_000, 737_280):
+        factors = np.stack([rng.integers(0, s, n) for s in gt.DSPRITES_SIZES], 1)
+        codes = factors[:, [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]] + rng.standard_normal((n, 10))
+        ours = [timed(lambda: gt.mig(codes, factors), 1, torch.device("cpu")) for _ in range(5)]
+        t0 = time.perf_counter()
+        reference = sklearn_mig(codes, factors)
+        t_ref = time.perf_counter() - t0
+        t_ours = statistics.median(ours)
+        agree = abs(reference - gt.mig(codes, factors))
+        results[n] = {"grouptc_s": t_ours, "sklearn_s": t_ref, "speedup": t_ref / t_ours, "abs_diff": agree}
+        print(f"mig   N={n:7,d}: grouptc {t_ours:8.4f} s   sklearn reference {t_ref:8.3f} s   "
+              f"{t_ref / t_ours:6.1f}x   |difference| {agree:.1e}", flush=True)
+    return results
+
+
+def write_full_size_files(data_dir):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    npz = data_dir / gt.DSPRITES_NPZ
+    if not npz.exists():
+        print(f"writing full-size {npz} from the dSprites-like renderer", flush=True)
+        sizes = (1,) + gt.DSPRITES_SIZES
+        n = int(np.prod(sizes))
+        classes = np.stack(np.unravel_index(np.arange(n), sizes), 1).astype(np.int64)
+        imgs = np.empty((n, 64, 64), np.uint8)
+        render = gt.DSpritesProcedural()
+        for i in range(0, n, 8192):
+            imgs[i:i + 8192] = render.images(torch.from_numpy(classes[i:i + 8192, 1:]))[:, 0].to(torch.uint8).numpy()
+        np.savez_compressed(npz.with_suffix(".tmp.npz"), imgs=imgs, latents_classes=classes,
+                            latents_values=classes.astype(np.float64))
+        npz.with_suffix(".tmp.npz").rename(npz)
+        del imgs
+    h5 = data_dir / "3dshapes.h5"
+    if not h5.exists():
+        import h5py
+        print(f"writing full-size {h5} from the 3DShapes-like renderer", flush=True)
+        n = int(np.prod(gt.SHAPES3D_SIZES))
+        render = gt.Shapes3DProcedural()
+        values = [np.linspace(0, 0.9, 10)] * 3 + [np.linspace(0.75, 1.25, 8), np.arange(4.0),
+                                                  np.linspace(-30, 30, 15)]
+        with h5py.File(h5.with_suffix(".tmp"), "w") as f:
+            images = f.create_dataset("images", (n, 64, 64, 3), np.uint8, chunks=(1000, 64, 64, 3),
+                                      compression="gzip", compression_opts=4)
+            classes = gt.index_to_classes(torch.arange(n), gt.SHAPES3D_SIZES)
+            f.create_dataset("labels", data=np.stack([values[k][classes[:, k].numpy()] for k in range(6)], 1))
+            for i in range(0, n, 4000):
+                x = render.images(classes[i:i + 4000]).permute(0, 2, 3, 1).mul(255).round().to(torch.uint8)
+                images[i:i + 4000] = x.numpy()
+        h5.with_suffix(".tmp").rename(h5)
+
+
+def bench_load(data_dir):
+    write_full_size_files(data_dir)
+    results = {}
+    for name in ("dsprites", "shapes3d"):
+        code = (f"import time, resource, sys; sys.path.insert(0, {str(Path(gt.__file__).parent)!r}); "
+                f"import grouptc as gt; t = time.perf_counter(); d = gt.load_dataset({name!r}, {str(data_dir)!r}); "
+                f"x = d.images(gt.sample_groups(d.factor_sizes, [0], 32, 2)[0].flatten(0, 1)); "
+                f"print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "
+                f"d.array.nbytes / 2**30)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        seconds, peak_gib, array_gib = map(float, out.split())
+        results[name] = {"load_s": seconds, "peak_rss_gib": peak_gib, "array_gib": array_gib}
+        print(f"load  {name:9s}: {seconds:6.1f} s, peak RSS {peak_gib:5.2f} GiB for a {array_gib:4.2f} GiB uint8 "
+              f"array", flush=True)
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", default=["step", "render", "gather", "mig", "load"],
+                   choices=["step", "render", "gather", "mig", "load"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks for the step section")
+    p.add_argument("--dataset", default="dsprites_procedural", help="data set of the step section")
+    p.add_argument("--blocks", type=int, default=7, help="alternating timed blocks per model (step section)")
+    p.add_argument("--block-steps", type=int, default=10, help="steps per timed block (step section)")
+    p.add_argument("--data-dir", default="benchmarks/data", help="where the load section writes its files")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"grouptc benchmarks on {name}; torch {torch.__version__}" +
+          (", bf16 autocast" if device.type == "cuda" else "") + (", compiled" if args.compile else ""), flush=True)
+    results = {"device": name, "torch": torch.__version__, "compile": args.compile}
+    if "step" in args.only:
+        results["step"] = bench_step(device, args.compile, args.blocks, args.block_steps, args.dataset)
+    if "render" in args.only:
+        results["render"] = bench_render(device)
+    if "gather" in args.only:
+        results["gather"] = bench_gather(device)
+    if "mig" in args.only:
+        results["mig"] = bench_mig()
+    if "load" in args.only:
+        results["load"] = bench_load(Path(args.data_dir))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
