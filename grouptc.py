@@ -28,6 +28,7 @@ figures -> summary of a grid -> command line.
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -79,6 +80,13 @@ DOWNLOADS = {  # file name -> (address, hash algorithm, published digest)
 }
 
 
+@functools.lru_cache(maxsize=None)
+def device_constant(values, device, dtype=torch.long):
+    """A small constant tensor made once per device: the training step then copies nothing from the host (which
+    also lets the step be captured in a CUDA graph). `values` is a tuple; the tensor must not be modified."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
 def index_bases(factor_sizes):
     """Mixed-radix bases: flat = classes @ bases. dSprites (3,6,40,32,32) -> (245760, 40960, 1024, 32, 1)."""
     bases = np.ones(len(factor_sizes), dtype=np.int64)
@@ -89,7 +97,7 @@ def index_bases(factor_sizes):
 
 def classes_to_index(classes, factor_sizes):
     """(..., K) integer classes -> (...) flat row index of the data set."""
-    bases = torch.as_tensor(index_bases(factor_sizes), device=classes.device)
+    bases = device_constant(tuple(index_bases(factor_sizes).tolist()), classes.device)
     return (classes * bases).sum(-1)
 
 
@@ -316,7 +324,7 @@ class DSpritesProcedural(GroupedData):
 
 def _hue_to_rgb(h):
     """(...) hue in [0, 1) -> (..., 3) RGB of HSV(h, 1, 1)."""
-    k = torch.tensor([3.0, 2.0, 4.0], device=h.device)
+    k = device_constant((3.0, 2.0, 4.0), h.device, torch.float32)
     rgb = (6 * h.unsqueeze(-1) - k).abs()
     return torch.stack([rgb[..., 0] - 1, 2 - rgb[..., 1], 2 - rgb[..., 2]], -1).clamp(0, 1)
 
@@ -419,13 +427,12 @@ def sample_groups(factor_sizes, content_factors, batch_size, group_size=2, gener
     """-> classes (batch_size, group_size, K) LongTensor, shares_content (batch_size,) BoolTensor.
     Every draw comes from `generator` and lives on its device, so a seed reproduces the batch."""
     device = generator.device if generator is not None else torch.device("cpu")
-    sizes = torch.as_tensor(factor_sizes, device=device)
+    sizes = device_constant(tuple(factor_sizes), device)
     K = len(factor_sizes)
     u = torch.rand(batch_size, group_size, K, generator=generator, device=device, dtype=torch.float64)
     classes = torch.minimum((u * sizes).long(), sizes - 1)  # uniform, independent for every member
     shares_content = torch.rand(batch_size, generator=generator, device=device) < 0.5
-    is_content = torch.zeros(K, dtype=torch.bool, device=device)
-    is_content[list(content_factors)] = True
+    is_content = device_constant(tuple(k in content_factors for k in range(K)), device, torch.bool)
     shared = is_content[None] == shares_content[:, None]  # (B, K): the factors this group shares
     classes = torch.where(shared[:, None, :], classes[:, :1, :], classes)  # copy the first member's classes
     return classes, shares_content
@@ -539,10 +546,9 @@ def tc_blocks(level, latent_dim, content_dims):
 
 def permute_codes(z, blocks, generator=None):
     """Samples of q-bar: each block of dims gets its own random permutation of the N codes (rows).
-    z (N, L), blocks (L,) long -> (N, L)."""
-    n_blocks = int(blocks.max()) + 1
-    perm = torch.rand(z.shape[0], n_blocks, generator=generator, device=z.device).argsort(0)  # (N, n_blocks)
-    return z.gather(0, perm[:, blocks.to(z.device)])
+    z (N, L), blocks (L,) long block ids in [0, L) -> (N, L)."""
+    perm = torch.rand(z.shape, generator=generator, device=z.device).argsort(0)  # (N, L): one per possible block
+    return z.gather(0, perm[:, blocks.to(z.device)])  # dims of one block share their block's permutation
 
 
 def tc_estimate(logits):
@@ -785,7 +791,9 @@ def build_parser(suppress_defaults=False):
     a("--content-dims", type=int, default=5, help="dims of z_c: the last ones of z (z_\\c are the first L - this)")
     a("--seed", type=int, default=0, help="seed of the data generator and of the model (init, noise, permutations)")
     a("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
-    a("--compile", action="store_true", default=False, help="torch.compile the networks (useful on GPUs)")
+    a("--compile", action="store_true", default=False, help="torch.compile the networks")
+    a("--eager", action="store_true", default=False,
+      help="on CUDA, run every step eagerly instead of replaying it as one captured CUDA graph (for debugging)")
     a("--out", default=None, help="run folder (default runs/MODEL-DATASET-seedSEED)")
     a("--eval-samples", type=int, default=10_000,
       help="points for MIG / group-MIG (disentanglement_lib: 10,000); 0: every point of the data set")
@@ -867,7 +875,8 @@ class Run:
         torch.manual_seed(args.seed)  # network initialisation
         self.vae = VAE(self.data.channels, args.latent_dim).to(device)
         self.D = Discriminator(args.latent_dim).to(device) if args.model == "group_tcvae" else None
-        fused = {"fused": True} if device.type == "cuda" else {}
+        self.use_graph, self.graph, self.warmup_steps = device.type == "cuda" and not args.eager, None, 0
+        fused = {"fused": True, "capturable": self.use_graph} if device.type == "cuda" else {}
         self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, **fused)
         self.d_opt = (torch.optim.Adam(self.D.parameters(), lr=1e-4, betas=(0.5, 0.9), **fused)
                       if self.D is not None else None)
@@ -894,7 +903,7 @@ class Run:
         a = self.args
         if self.D is not None:
             self.D.requires_grad_(False)  # the VAE's loss moves the encoder through D, never D itself
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
             loss, terms, z = group_objective(a.model, self.vae, self.D, x, shares_content, a.beta, a.gamma,
                                              a.content_dims, self.model_gen)
         self.vae_opt.zero_grad(set_to_none=True)
@@ -904,7 +913,7 @@ class Run:
         if self.D is not None:
             self.D.requires_grad_(True)
             z_perm = permute_codes(z.detach(), self.blocks, self.model_gen)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
                 d_loss, d_acc = discriminator_loss(self.D, z, z_perm)
             self.d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -912,11 +921,44 @@ class Run:
             values += [d_loss, d_acc]
         return values
 
+    def _step_values(self):
+        return torch.stack([v.detach().float() for v in self.update(*self.sample_batch())])
+
     def train_step(self):
-        """One step on a fresh batch of groups -> (n_terms,) detached tensor of the step's terms."""
-        values = self.update(*self.sample_batch())
+        """One step on a fresh batch of groups -> (n_terms,) detached tensor of the step's terms.
+        On CUDA the whole step (sampling, rendering, both updates) is captured once in a CUDA graph after a few
+        eager warm-up steps and replayed: one launch instead of hundreds, the same computation."""
+        if self.graph is not None:
+            self.graph.replay()
+            values = self.graph_values.clone()
+        elif self.use_graph and self.warmup_steps >= 3:
+            values = self._capture_and_replay()
+        elif self.use_graph:  # warm-up (lazy optimiser state, cuBLAS handles) on a side stream, as CUDA asks
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                values = self._step_values()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.warmup_steps += 1
+        else:
+            values = self._step_values()
         self.step += 1
-        return torch.stack([v.detach().float() for v in values])
+        return values
+
+    def _capture_and_replay(self):
+        graph = torch.cuda.CUDAGraph()
+        for generator in (self.data_gen, self.model_gen):
+            graph.register_generator_state(generator)  # each replay draws fresh numbers
+        try:
+            with torch.cuda.graph(graph):
+                self.graph_values = self._step_values()
+        except RuntimeError as error:  # speed only: the eager step computes the same thing
+            print(f"warning: CUDA graph capture failed ({error}); training continues without it", file=sys.stderr)
+            self.use_graph = False
+            return self._step_values()
+        self.graph = graph
+        graph.replay()  # capturing records the step without running it
+        return self.graph_values.clone()
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def state(self, log_sum, log_count):

@@ -580,7 +580,7 @@ def run_main_interrupted_at(step, argv):
 @pytest.mark.parametrize("model", ["group_tcvae", "mlvae"])
 def test_interrupted_and_resumed_run_logs_exactly_like_an_uninterrupted_one(tmp_path, model):
     argv = ["--model", model, "--dataset", "dsprites_procedural", "--steps", "12", "--batch-size", "4",
-            "--log-every", "4", "--checkpoint-every", "100", "--eval-samples", "200"]
+            "--log-every", "4", "--checkpoint-every", "100", "--eval-samples", "200", "--device", "cpu"]
     assert gt.main(argv + ["--out", str(tmp_path / "a")]) == 0
     assert run_main_interrupted_at(6, argv + ["--out", str(tmp_path / "b")]) == 130  # Ctrl-C writes a checkpoint
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 6

@@ -2,11 +2,13 @@
 
     python benchmarks/bench.py                          # everything, CPU
     python benchmarks/bench.py --only step mig          # some sections
-    python benchmarks/bench.py --device cuda --compile  # on a GPU (bf16 autocast), networks compiled
+    python benchmarks/bench.py --device cuda            # on a GPU: bf16 autocast, the step as one CUDA graph
+    python benchmarks/bench.py --device cuda --eager    # ... each step launched eagerly
 
 Sections:
   step    training step (32 groups) of each model vs a bare step of the same networks on one fixed batch (no
-          sampling, rendering or bookkeeping); the ratio is the overhead of everything around the networks.
+          sampling, rendering or bookkeeping, launched eagerly); the ratio is the overhead of everything around
+          the networks (on CUDA, below 1 when the CUDA graph saves more launch time than sampling costs).
           Blocks of steps alternate between the two so that a noisy machine hits both alike.
   render  images/s of both built-in renderers, at the training batch (64) and at 4,096.
   gather  the cost of gathering a batch from a full-size in-memory uint8 array (file-backed data sets).
@@ -45,15 +47,15 @@ def timed(fn, n, device):
     return (time.perf_counter() - t0) / n
 
 
-def bench_step(device, compile_, blocks, block_steps, dataset):
+def bench_step(device, flags, blocks, block_steps, dataset):
     results = {}
     for model in gt.MODELS:
-        argv = ["--model", model, "--dataset", dataset, "--out", "unused"] + (["--compile"] if compile_ else [])
+        argv = ["--model", model, "--dataset", dataset, "--out", "unused"] + flags
         run = gt.Run(gt.finish_args(gt.parse_args(argv)), device)
         x, shares = run.sample_batch()
         bare = lambda: run.update(x, shares)  # noqa: E731
         full = run.train_step
-        for _ in range(10 if not compile_ else 30):  # warm-up (and compilation)
+        for _ in range(10 if "--compile" not in flags else 30):  # warm-up (CUDA graph capture, compilation)
             full(), bare()
         t_full, t_bare = [], []
         for _ in range(blocks):
@@ -191,6 +193,7 @@ def main():
                    choices=["step", "render", "gather", "mig", "load"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks for the step section")
+    p.add_argument("--eager", action="store_true", help="on CUDA, no CUDA graph for the step section")
     p.add_argument("--dataset", default="dsprites_procedural", help="data set of the step section")
     p.add_argument("--blocks", type=int, default=7, help="alternating timed blocks per model (step section)")
     p.add_argument("--block-steps", type=int, default=10, help="steps per timed block (step section)")
@@ -200,10 +203,12 @@ def main():
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"grouptc benchmarks on {name}; torch {torch.__version__}" +
-          (", bf16 autocast" if device.type == "cuda" else "") + (", compiled" if args.compile else ""), flush=True)
-    results = {"device": name, "torch": torch.__version__, "compile": args.compile}
+          (", bf16 autocast" if device.type == "cuda" else "") + (", compiled" if args.compile else "") +
+          (", CUDA graph" if device.type == "cuda" and not args.eager else ""), flush=True)
+    results = {"device": name, "torch": torch.__version__, "compile": args.compile, "eager": args.eager}
     if "step" in args.only:
-        results["step"] = bench_step(device, args.compile, args.blocks, args.block_steps, args.dataset)
+        flags = ["--compile"] * args.compile + ["--eager"] * args.eager
+        results["step"] = bench_step(device, flags, args.blocks, args.block_steps, args.dataset)
     if "render" in args.only:
         results["render"] = bench_render(device)
     if "gather" in args.only:
