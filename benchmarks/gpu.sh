@@ -11,6 +11,6 @@ python3 -c "import torch, numba; print('torch', torch.__version__, 'numba', numb
 python3 benchmarks/bench.py --device cuda --only step render gather --blocks 7 --block-steps 100 --json "$OUT/bench_graph.json" 2>&1 | tee "$OUT/bench_graph.log"
 python3 benchmarks/bench.py --device cuda --eager --only step --blocks 7 --block-steps 50 --json "$OUT/bench_eager.json" 2>&1 | tee "$OUT/bench_eager.log"
 python3 -m pytest -q test_grouptc.py -k "trains or resumed or eval_only or nan or discriminator_update" 2>&1 | tail -n 15 | tee "$OUT/pytest_cuda.log"
-/usr/bin/time -v python3 grouptc.py --model group_tcvae --dataset dsprites_procedural --steps 20000 --log-every 2500 --out "$OUT/run_gtc" 2>&1 | grep -E "step|MIG|Elapsed|Maximum resident" | tee "$OUT/run_gtc.log"
+/usr/bin/time -v python3 grouptc.py --model group_tcvae --dataset dsprites_procedural --steps 10000 --log-every 2000 --out "$OUT/run_gtc" 2>&1 | grep -E "step|MIG|Elapsed|Maximum resident" | tee "$OUT/run_gtc.log"
 cp "$OUT/run_gtc/metrics.json" "$OUT/run_gtc_metrics.json" 2>/dev/null
 rm -rf "$OUT/run_gtc"
