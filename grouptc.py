@@ -1005,7 +1005,8 @@ class StopRequest:
 
 def load_checkpoint(path, device):
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        # On the CPU: generator states must stay CPU byte tensors; load_state_dict moves the rest to the device.
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
         raise UserError(f"could not read the checkpoint {path} ({type(error).__name__}: {error})") from None
 
