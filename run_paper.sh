@@ -14,8 +14,10 @@
 #   Figure 3c    MLVAE, GVAE at group size 3, 5, 10 (2 is in the line above) ... 30 runs
 #   ablation     TC levels inter_intra, full at (ABLATION_BETA, ABLATION_GAMMA) .. 10 runs
 #   = 250 runs per data set, 500 for dsprites and shapes3d, 300,000 steps each.
-# GPU time: see README "Speed" for the measured ms/step on an H100; 500 runs x 300,000 steps at the measured
-# group-tcVAE rate is the estimate printed by `DRY_RUN=1 bash run_paper.sh | tail -1`... (see README).
+# GPU time, estimated from steps measured on one H100 (benchmarks/gpu.sh, README "Speed"): group-tcVAE 2.05 ms/step
+# (10.3 min a run), MLVAE/GVAE 1.4 ms/step (7 min a run) at 32 pairs; per data set 160 group-tcVAE runs and 90
+# baseline runs = about 38 GPU-hours, about 76 for both data sets, plus a few seconds of evaluation per run.
+# Groups of 3 to 10 observations and 3D Shapes' 3 channels make some steps longer: not measured, so count more.
 #
 # Usage:
 #   DRY_RUN=1 bash run_paper.sh             # print one complete command per run, run nothing
