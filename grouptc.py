@@ -1043,7 +1043,7 @@ def train(args):
     print(f"training {args.model} on {run.data.name} ({device}): {args.steps:,} steps of {args.batch_size} groups "
           f"of {args.group_size}, beta {args.beta:g}" + (f", gamma {args.gamma:g}, TC level {args.tc_level}"
                                                            if args.model == "group_tcvae" else ""), file=sys.stderr)
-    last_step, last_time, start_step = run.step, time.perf_counter(), run.step
+    last_step, last_time = run.step, time.perf_counter()
     try:
         while run.step < args.steps and not stop.requested:
             log_sum += run.train_step()
@@ -1081,8 +1081,6 @@ def train(args):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if run.step > start_step and run.step % args.checkpoint_every != 0 and run.step != args.steps:
-        run.save(ckpt_path, log_sum, log_count)
     return run
 
 
