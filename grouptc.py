@@ -756,10 +756,19 @@ RUN_DEFINING = ("model", "dataset", "batch_size", "group_size", "beta", "gamma",
                 "latent_dim", "content_dims", "seed")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' only where X says something (not for None and switches)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(suppress_defaults=False):
     p = argparse.ArgumentParser(
         prog="grouptc.py", description="group-tcVAE, MLVAE and GVAE on paired observations; MIG and group-MIG.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
 
     def a(*flags, **kw):
         if suppress_defaults:  # for telling which flags the user typed
@@ -768,8 +777,9 @@ def build_parser(suppress_defaults=False):
 
     a("--model", choices=MODELS, default="group_tcvae", help="objective: group-tcVAE Eq. (3), MLVAE or GVAE Eq. (1)")
     a("--dataset", choices=DATASETS, default="dsprites",
-      help="dsprites / shapes3d: the official files in --data-dir (downloaded if missing). *_procedural: built-in "
-           "renderers on the official factor grids, no download; faithful stand-ins, NOT the data sets")
+      help="dsprites / shapes3d: the official files in --data-dir (downloaded if missing). dsprites_procedural / "
+           "shapes3d_procedural: built-in dSprites-like / 3DShapes-like renderers on the official factor grids, no "
+           "download; faithful stand-ins, NOT the data sets")
     a("--data-dir", default="data", help="folder of the official data files")
     a("--steps", type=int, default=300_000,
       help="training steps (one batch of groups each); 300,000 as disentanglement_lib / Locatello et al. 2020")
