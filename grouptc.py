@@ -990,8 +990,14 @@ class Run:
         if self.D is not None:
             self.D.load_state_dict(checkpoint["D"])
             self.d_opt.load_state_dict(checkpoint["d_opt"])
-        self.data_gen.set_state(checkpoint["data_gen"])
-        self.model_gen.set_state(checkpoint["model_gen"])
+        try:
+            self.data_gen.set_state(checkpoint["data_gen"])
+            self.model_gen.set_state(checkpoint["model_gen"])
+        except RuntimeError:  # saved on another kind of device: its generator states do not fit these
+            print(f"note: the checkpoint's generators belong to another device; continuing with generators "
+                  f"seeded from --seed and step {checkpoint['step']}", file=sys.stderr)
+            self.data_gen.manual_seed(self.args.seed + 2 * checkpoint["step"])
+            self.model_gen.manual_seed(self.args.seed + 2 * checkpoint["step"] + 1)
         torch.set_rng_state(checkpoint["torch_rng"])
         self.step, self.train_seconds = checkpoint["step"], checkpoint["train_seconds"]
 
@@ -1013,7 +1019,7 @@ class StopRequest:
         print("\ninterrupt: finishing this step and writing a checkpoint (again to stop at once)", file=sys.stderr)
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path):
     try:
         # On the CPU: generator states must stay CPU byte tensors; load_state_dict moves the rest to the device.
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -1023,15 +1029,15 @@ def load_checkpoint(path, device):
 
 def train(args):
     """Train one run into args.out; returns the Run. Writes config.json, log.csv, checkpoint.pt."""
-    device = resolve_device(args.device)
     out = Path(args.out)
     ckpt_path, log_path = out / "checkpoint.pt", out / "log.csv"
     checkpoint = None
     if args.resume and ckpt_path.exists():
-        checkpoint = load_checkpoint(ckpt_path, device)
-        merge_saved_args(args, checkpoint["args"], ckpt_path)
+        checkpoint = load_checkpoint(ckpt_path)
+        merge_saved_args(args, checkpoint["args"], ckpt_path)  # the saved --device too, unless typed anew
     elif not args.resume and (ckpt_path.exists() or (out / "metrics.json").exists()):
         raise UserError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+    device = resolve_device(args.device)
     run = Run(args, device)
     names = TERMS[args.model]
     log_sum, log_count = torch.zeros(len(names), device=device), 0
@@ -1280,10 +1286,9 @@ def eval_only(args):
     ckpt_path = out / "checkpoint.pt"
     if not ckpt_path.exists():
         raise UserError(f"--eval-only: no checkpoint.pt in {out}; give --out the folder of a trained run")
-    device = resolve_device(args.device)
-    checkpoint = load_checkpoint(ckpt_path, device)
+    checkpoint = load_checkpoint(ckpt_path)
     merge_saved_args(args, checkpoint["args"], ckpt_path)
-    run = Run(args, device)
+    run = Run(args, resolve_device(args.device))
     run.load(checkpoint)
     return evaluate_and_plot(run, out, args.eval_samples)
 

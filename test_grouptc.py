@@ -735,3 +735,20 @@ def test_readme_commands_parse_and_the_offline_ones_run(tmp_path):
             assert gt.main(argv + ["--out", str(out)] + TINY) == 0, c
             ran += 1
     assert ran >= 1
+
+
+def test_resume_keeps_the_saved_device_and_survives_a_device_change(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--model", "gvae", "--dataset", "dsprites_procedural", "--out", out, "--device", "cpu", *TINY]
+    assert gt.main(argv) == 0
+    seen = []
+    original = gt.resolve_device
+    monkeypatch.setattr(gt, "resolve_device", lambda name: seen.append(name) or original(name))
+    assert gt.main(["--resume", "--out", out, "--steps", "8"]) == 0
+    assert seen == ["cpu"]  # the saved device, not 'auto'
+    # A checkpoint whose generator states come from another kind of device: reseeded, with a note.
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    checkpoint["data_gen"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state is 16 bytes
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")
+    assert gt.main(["--resume", "--out", out, "--steps", "10"]) == 0
+    assert "generators belong to another device" in capsys.readouterr().err
