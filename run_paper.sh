@@ -23,8 +23,9 @@
 #   DRY_RUN=1 bash run_paper.sh             # print one complete command per run, run nothing
 #   GPUS="0 1 2 3" bash run_paper.sh        # one run per GPU at a time
 #   JOBS=2 bash run_paper.sh                # CPU only: JOBS runs at a time, threads shared among them
-#   STEPS=2500 SEEDS="0 1 2" DATASETS=dsprites_procedural TCVAE_BETAS=10 TCVAE_GAMMAS="1 8" BASE_BETAS=1 \
-#     GROUP_SIZES=2 TC_LEVELS=inter JOBS=2 RUNS_DIR=runs/cpu bash run_paper.sh     # the README's CPU grid
+#   STEPS=3000 SEEDS="0 1 2" DATASETS=dsprites_procedural TCVAE_BETAS=10 TCVAE_GAMMAS="1 8" BASE_BETAS=1 \
+#     GROUP_SIZES=2 TC_LEVELS=inter LOG_EVERY=250 CHECKPOINT_EVERY=500 JOBS=2 RUNS_DIR=runs/cpu \
+#     bash run_paper.sh                      # the README's CPU-scale grid: 12 runs, about 2 h on 2 cores
 # Finished runs (metrics.json present) are skipped; interrupted ones resume from their checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
