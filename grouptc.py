@@ -622,7 +622,8 @@ _mi_kernel = None
 
 
 def _get_mi_kernel():
-    """Compile (or load from Numba's cache) the histogram MI kernel on first use; keeps `import grouptc` fast."""
+    """Compile (or load from Numba's cache) the two Numba kernels, the joint histograms and the columns' ranges, on
+    first use: `import grouptc` stays fast."""
     global _mi_kernel
     if _mi_kernel is None:
         import numba
