@@ -439,14 +439,20 @@ def resolve_factors(factors, factor_names):
 # The group sampler: each group of observations shares every factor of ONE group of factors (content or
 # non-content, each with probability 1/2); the factors of the other group are drawn anew for every member.
 # ----------------------------------------------------------------------------------------------------------------
+def uniform_classes(factor_sizes, shape, generator=None):
+    """Factor classes drawn uniformly and independently: -> LongTensor (*shape, K) on the generator's device."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    sizes = device_constant(tuple(factor_sizes), device)
+    u = torch.rand(*shape, len(factor_sizes), generator=generator, device=device, dtype=torch.float64)
+    return torch.minimum((u * sizes).long(), sizes - 1)  # the min guards u * size rounding up to size
+
+
 def sample_groups(factor_sizes, content_factors, batch_size, group_size=2, generator=None):
     """-> classes (batch_size, group_size, K) LongTensor, shares_content (batch_size,) BoolTensor.
     Every draw comes from `generator` and lives on its device, so a seed reproduces the batch."""
     device = generator.device if generator is not None else torch.device("cpu")
-    sizes = device_constant(tuple(factor_sizes), device)
     K = len(factor_sizes)
-    u = torch.rand(batch_size, group_size, K, generator=generator, device=device, dtype=torch.float64)
-    classes = torch.minimum((u * sizes).long(), sizes - 1)  # uniform, independent for every member
+    classes = uniform_classes(factor_sizes, (batch_size, group_size), generator)  # independent for every member
     shares_content = torch.rand(batch_size, generator=generator, device=device) < 0.5
     is_content = device_constant(tuple(k in content_factors for k in range(K)), device, torch.bool)
     shared = is_content[None] == shares_content[:, None]  # (B, K): the factors this group shares
@@ -629,18 +635,17 @@ def _get_mi_kernel():
         import numba
 
         @numba.njit(parallel=True, cache=True)
-        def kernel(codes, edges, factors, n_values, n_chunks):
-            """codes (N, L) float64; edges (L, n_bins) left bin edges; factors (N, K) int64 in [0, n_values[k]);
+        def kernel(codes, edges, factors, n_classes, n_chunks):
+            """codes (N, L) float64; edges (L, n_bins) left bin edges; factors (N, K) int64 in [0, n_classes);
             n_chunks: parts of N counted in parallel.
             -> (L, K) plug-in MI in nats of digitize(codes[:, i], edges[i]) and factors[:, k]; (K,) entropies."""
             N, L = codes.shape
             K = factors.shape[1]
             n_bins = edges.shape[1]
-            vmax = n_values.max()
             inverse_width = np.empty(L)
             for i in range(L):
                 inverse_width[i] = (n_bins - 1) / (edges[i, n_bins - 1] - edges[i, 0]) if n_bins > 1 else 0.0
-            counts = np.zeros((n_chunks, L, K, n_bins + 1, vmax), np.int64)  # joint tables: bin label x class
+            counts = np.zeros((n_chunks, L, K, n_bins + 1, n_classes), np.int64)  # joint tables: bin label x class
             for chunk in numba.prange(n_chunks):
                 for n in range(chunk * N // n_chunks, (chunk + 1) * N // n_chunks):
                     for i in range(L):
@@ -657,15 +662,15 @@ def _get_mi_kernel():
             joint = counts.sum(axis=0)  # (L, K, n_bins + 1, vmax)
             mi, H = np.zeros((L, K)), np.zeros(K)
             for k in range(K):
-                col = joint[0, k].sum(axis=0)  # (vmax,) factor counts
-                for v in range(n_values[k]):
+                col = joint[0, k].sum(axis=0)  # (n_classes,) factor counts
+                for v in range(n_classes):
                     if col[v] > 0:
                         H[k] -= col[v] / N * math.log(col[v] / N)
                 for i in range(L):
                     total = 0.0
                     for b in range(1, n_bins + 1):
                         row = joint[i, k, b].sum()  # bin counts
-                        for v in range(n_values[k]):
+                        for v in range(n_classes):
                             c = joint[i, k, b, v]
                             if c > 0:
                                 total += c / N * (math.log(c * N) - math.log(row * col[v]))
@@ -693,8 +698,8 @@ def _get_mi_kernel():
 
 
 def _factor_labels(factors):
-    """(N, K) integer classes -> (N, K) int64 labels in [0, n_k) and n_k per factor (classes used as they are
-    when they are small non-negative integers, else replaced by their rank)."""
+    """(N, K) integer classes -> (N, K) int64 labels and one bound n_classes > every label (classes are used as
+    they are when they are small non-negative integers, else replaced by their rank); unused classes count 0."""
     factors = np.asarray(factors)
     if not np.issubdtype(factors.dtype, np.integer) or factors.ndim != 2:
         raise ValueError(f"factors must be an integer (N, K) array, got {factors.dtype} {factors.shape}")
@@ -702,16 +707,15 @@ def _factor_labels(factors):
         labels = np.ascontiguousarray(factors, dtype=np.int64)
     else:
         labels = np.stack([np.unique(f, return_inverse=True)[1].reshape(-1) for f in factors.T], 1).astype(np.int64)
-    # One bound for every factor (a contiguous max is fast; a per-column one is not): unused classes count 0.
-    return labels, np.full(labels.shape[1], labels.max() + 1 if labels.size else 1, dtype=np.int64)
+    return labels, int(labels.max()) + 1 if labels.size else 1  # one bound: a per-column max is slow
 
 
 def factor_entropy(factors):
     """Empirical entropy in nats of each factor: (N, K) -> (K,)."""
-    labels, n_values = _factor_labels(factors)
+    labels, n_classes = _factor_labels(factors)
     H = np.zeros(labels.shape[1])
     for k, f in enumerate(labels.T):
-        p = np.bincount(f, minlength=n_values[k]) / len(f)
+        p = np.bincount(f, minlength=n_classes) / len(f)
         p = p[p > 0]
         H[k] = -(p * np.log(p)).sum()
     return H
@@ -730,12 +734,12 @@ def mutual_info_and_entropy(codes, factors, n_bins=20):
     lo, hi = lo.min(0), hi.max(0)
     if n_bad:
         raise ValueError(f"codes contain {n_bad} NaN or infinite values")
-    labels, n_values = _factor_labels(factors)
+    labels, n_classes = _factor_labels(factors)
     # numpy.histogram's edges: linspace(min, max, n_bins + 1), widened by 0.5 on each side for a constant dim.
     flat = lo == hi
     lo, hi = np.where(flat, lo - 0.5, lo), np.where(flat, hi + 0.5, hi)
     edges = np.stack([np.linspace(a, b, n_bins + 1)[:-1] for a, b in zip(lo, hi)])  # (L, n_bins)
-    return kernel(codes, edges, labels, n_values, numba.get_num_threads())
+    return kernel(codes, edges, labels, n_classes, numba.get_num_threads())
 
 
 def mutual_info_matrix(codes, factors, n_bins=20):
@@ -749,11 +753,15 @@ def _gap_score(gaps, H):
     return float(np.mean(gaps[keep] / H[keep]))
 
 
-def mig(codes, factors, n_bins=20):
-    """Mutual Information Gap (disentanglement_lib's discrete MIG): mean over factors of the gap between the two
-    largest I(z_i; v_k), over H(v_k). Factors with one value are left out."""
-    mi, H = mutual_info_and_entropy(codes, factors, n_bins)
-    return mig_from_matrix(mi, H)
+def mig_from_matrix(mi, H):
+    """MIG from an (L, K) MI matrix and the (K,) factor entropies."""
+    top = np.sort(mi, axis=0)[::-1]
+    return _gap_score(top[0] - top[1], H)
+
+
+def group_mig_from_matrix(mi, H, content_latents, content_factors):
+    """group-MIG from an (L, K) MI matrix and the (K,) factor entropies (see group_mig)."""
+    return _gap_score(group_gaps(mi, content_latents, content_factors), H)
 
 
 def group_gaps(mi, content_latents, content_factors):
@@ -763,19 +771,18 @@ def group_gaps(mi, content_latents, content_factors):
     return np.where(own, mi, -np.inf).max(0) - np.where(~own, mi, -np.inf).max(0)
 
 
-def group_mig(codes, factors, content_latents, content_factors, n_bins=20, mi=None):
+def mig(codes, factors, n_bins=20):
+    """Mutual Information Gap (disentanglement_lib's discrete MIG): mean over factors of the gap between the two
+    largest I(z_i; v_k), over H(v_k). Factors with one value are left out."""
+    return mig_from_matrix(*mutual_info_and_entropy(codes, factors, n_bins))
+
+
+def group_mig(codes, factors, content_latents, content_factors, n_bins=20):
     """group-MIG (paper, Sec. 4): mean over factors of (max I over the latents of the factor's own group - max I
-    over the other latents) / H(v_k). Negative when information sits in the wrong group. `mi` skips the MI step."""
-    if mi is None:
-        mi, H = mutual_info_and_entropy(codes, factors, n_bins)
-    else:
-        H = factor_entropy(factors)
-    return _gap_score(group_gaps(mi, content_latents, content_factors), H)
-
-
-def mig_from_matrix(mi, H):
-    top = np.sort(mi, axis=0)[::-1]
-    return _gap_score(top[0] - top[1], H)
+    over the other latents) / H(v_k). Negative when information sits in the wrong group. content_latents: indices
+    of the z_c dims; content_factors: indices of the content factors (columns of `factors`)."""
+    mi, H = mutual_info_and_entropy(codes, factors, n_bins)
+    return group_mig_from_matrix(mi, H, content_latents, content_factors)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1174,9 +1181,7 @@ def evaluate(run, n_samples, seed=0):
         classes = index_to_classes(torch.arange(data.num_points, device=run.device), data.factor_sizes)
     else:
         gen = torch.Generator(device=run.device).manual_seed(seed + 7)
-        sizes = torch.as_tensor(data.factor_sizes, device=run.device)
-        u = torch.rand(n_samples, len(sizes), generator=gen, device=run.device, dtype=torch.float64)
-        classes = torch.minimum((u * sizes).long(), sizes - 1)
+        classes = uniform_classes(data.factor_sizes, (n_samples,), gen)
     t0 = time.perf_counter()
     codes = encode_means(run.vae, data, classes)
     factors = classes.cpu().numpy()
@@ -1184,7 +1189,7 @@ def evaluate(run, n_samples, seed=0):
     content_latents = list(range(a.latent_dim - a.content_dims, a.latent_dim))
     metrics = {
         "mig": mig_from_matrix(mi, H),
-        "group_mig": group_mig(None, factors, content_latents, run.content_factors, mi=mi),
+        "group_mig": group_mig_from_matrix(mi, H, content_latents, run.content_factors),
         "mi_matrix": mi.tolist(), "factor_entropy": H.tolist(), "factor_names": list(data.factor_names),
         "content_factors": [data.factor_names[k] for k in run.content_factors], "content_latents": content_latents,
         "model": a.model, "dataset": a.dataset, "steps": run.step, "train_seconds": round(run.train_seconds, 3),
