@@ -39,6 +39,7 @@ STEPS=${STEPS:-300000}
 BATCH_SIZE=${BATCH_SIZE:-32}
 TCVAE_BETAS=(${TCVAE_BETAS:-10 20 30 40 50 100})
 TCVAE_GAMMAS=(${TCVAE_GAMMAS:-1 8 16 32 64})
+TCVAE_SETTINGS=(${TCVAE_SETTINGS:-})  # "BETA:GAMMA ..." pairs instead of the product TCVAE_BETAS x TCVAE_GAMMAS
 BASE_BETAS=(${BASE_BETAS:-1 2 4 6 8 16})
 GROUP_SIZES=(${GROUP_SIZES:-2 3 5 10})
 TC_LEVELS=(${TC_LEVELS:-inter inter_intra full})
@@ -73,9 +74,13 @@ add() {  # add DATASET MODEL BETA GAMMA GROUP_SIZE TC_LEVEL SEED
 --checkpoint-every $CHECKPOINT_EVERY --out $out --resume")
 }
 
+if [ ${#TCVAE_SETTINGS[@]} -eq 0 ]; then
+  for b in "${TCVAE_BETAS[@]}"; do for g in "${TCVAE_GAMMAS[@]}"; do TCVAE_SETTINGS+=("$b:$g"); done; done
+fi
+
 for d in "${DATASETS[@]}"; do
   for s in "${SEEDS[@]}"; do
-    for b in "${TCVAE_BETAS[@]}"; do for g in "${TCVAE_GAMMAS[@]}"; do add "$d" group_tcvae "$b" "$g" 2 inter "$s"; done; done
+    for bg in "${TCVAE_SETTINGS[@]}"; do add "$d" group_tcvae "${bg%%:*}" "${bg##*:}" 2 inter "$s"; done
     for m in mlvae gvae; do for b in "${BASE_BETAS[@]}"; do add "$d" "$m" "$b" 0 2 inter "$s"; done; done
     for m in mlvae gvae; do for gs in "${GROUP_SIZES[@]}"; do add "$d" "$m" "${BASE_BETAS[0]}" 0 "$gs" inter "$s"; done; done
     for tc in "${TC_LEVELS[@]}"; do add "$d" group_tcvae "$ABLATION_BETA" "$ABLATION_GAMMA" 2 "$tc" "$s"; done
