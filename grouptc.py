@@ -28,16 +28,24 @@ figures -> summary of a grid -> command line.
 
 import argparse
 import csv
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+try:
+    import fcntl  # run-folder locks (POSIX); on other systems runs are not locked
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 import numpy as np
 import torch
@@ -56,6 +64,88 @@ class UserError(Exception):
     """A problem with the user's input (a flag, a data file): the message says what was wrong and what was
     expected."""
 
+    exit_code = 2
+
+
+class RunFolderBusy(UserError):
+    """Another live process holds the run folder (run_paper.sh's workers skip such a run: exit status 3)."""
+
+    exit_code = 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: every result is written whole or not at all, and a run folder is held by one process at a time.
+# ----------------------------------------------------------------------------------------------------------------
+def write_atomic(path, write):
+    """write(tmp) then rename tmp onto path: a crash, a Ctrl-C or a full disk leaves the old file or the new one,
+    never half of one, and no temporary file. An OSError becomes a UserError naming the file and its disk."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise UserError(f"could not write {path}: {error.strerror or error}{_disk_note(path)}") from None
+        raise
+
+
+def write_text_atomic(path, text):
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _disk_note(path):
+    try:
+        usage = shutil.disk_usage(Path(path).parent)
+    except OSError:
+        return ""
+    return f" (the disk holding {Path(path).parent} has {usage.free / 2 ** 20:,.0f} MiB free)"
+
+
+def check_out_folder(out):
+    """--out must be a folder (or not exist yet) under folders: checked before any data or model is built."""
+    out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise UserError(f"--out {out}: {p} is a file, not a folder; choose another --out")
+            return out
+    return out
+
+
+class RunFolderLock:
+    """Holds a run folder for this process: an OS lock (flock) on RUN/.lock, which the OS drops when the process
+    dies, however it dies. A second process gets a RunFolderBusy error naming the holder."""
+
+    def __init__(self, out):
+        self.out, self.fd = Path(out), None
+
+    def __enter__(self):
+        check_out_folder(self.out)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise UserError(f"--out {self.out}: cannot write there ({error.strerror or error}); "
+                            "choose a folder you can write") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(self.fd)
+                raise RunFolderBusy(f"--out {self.out} is in use by {holder}; wait for it to finish, or choose "
+                                    "another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing the descriptor releases the lock; the file stays (removing it would race)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: every source gives factor classes -> images. Factors live in "class space": integer classes per factor,
@@ -63,10 +153,16 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 DSPRITES_FACTORS = ("shape", "scale", "orientation", "posX", "posY")
 DSPRITES_SIZES = (3, 6, 40, 32, 32)
-DSPRITES_CONTENT = ("shape", "scale", "orientation")  # paper Sec. 4.1; non-content: posX, posY
+# NOTE: the paper names its content split only for 3D Shapes (Sec. 4.1). For dSprites it gives none; this project
+# takes what the sprite is (shape, scale, orientation) as content and where it is (posX, posY) as the rest, the
+# split that mirrors 3D Shapes' object vs scene and gives both groups at least two factors.
+DSPRITES_CONTENT = ("shape", "scale", "orientation")  # this project's choice; non-content: posX, posY
 SHAPES3D_FACTORS = ("floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
 SHAPES3D_SIZES = (10, 10, 10, 8, 4, 15)
-SHAPES3D_CONTENT = ("object_hue", "scale", "shape")  # paper Sec. 4.1; non-content: floor, wall, orientation
+SHAPES3D_CONTENT = ("object_hue", "scale", "shape")  # the paper's Sec. 4.1; non-content: floor, wall, orientation
+
+DEFAULT_CONTENT = {"dsprites": DSPRITES_CONTENT, "dsprites_procedural": DSPRITES_CONTENT,
+                   "shapes3d": SHAPES3D_CONTENT, "shapes3d_procedural": SHAPES3D_CONTENT}
 
 DSPRITES_NPZ = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 DSPRITES_HDF5 = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.hdf5"
@@ -166,7 +262,7 @@ def download(file_name, data_dir, alternative):
     renamed into place. Any failure is a UserError that says where to put the file by hand."""
     url, algorithm, expected = DOWNLOADS[file_name]
     target = Path(data_dir) / file_name
-    partial = target.with_name(target.name + ".part")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.part")  # this process's own: only it is removed
     help_text = (f"Download {url} yourself and put it at {target}, or use the built-in renderer "
                  f"'--dataset {alternative}' (no download needed).")
     try:
@@ -233,8 +329,22 @@ def _sizes_from_layout(classes, path):
     return sizes
 
 
-def load_dsprites(data_dir, device):
+def _check_data_dir(data_dir):
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} is a file; give the folder that holds (or will hold) the data files")
+    return data_dir
+
+
+def _check_official_sizes(sizes, official, path, allow_subgrid):
+    if tuple(sizes) != tuple(official) and not allow_subgrid:
+        raise UserError(f"{path} has factor sizes {tuple(sizes)}, the official file {tuple(official)}: it is not the "
+                        "data set. Use the official file, or pass --allow-subgrid to train on a smaller file in the "
+                        "official layout (a test file, say)")
+
+
+def load_dsprites(data_dir, device, allow_subgrid=False):
+    data_dir = _check_data_dir(data_dir)
     path = next((data_dir / n for n in (DSPRITES_NPZ, DSPRITES_HDF5) if (data_dir / n).exists()), None)
     if path is None:
         path = download(DSPRITES_NPZ, data_dir, "dsprites_procedural")
@@ -242,13 +352,16 @@ def load_dsprites(data_dir, device):
     imgs, classes = _read_dsprites(path)
     sizes = _sizes_from_layout(classes, path)
     _check(sizes[0] == 1, path, f"the first factor (color) should have one value, has {sizes[0]}")
+    _check_official_sizes(sizes[1:], DSPRITES_SIZES, path, allow_subgrid)
+    top = int(imgs.max())
+    _check(top <= 1, path, f"dSprites pixels are 0 or 1, found values up to {top} (a 0/255 file?)")
     print(f"loaded {path} ({len(imgs):,} images) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return ArrayData(imgs, DSPRITES_FACTORS, sizes[1:], DSPRITES_CONTENT, "dsprites", device)  # color dropped
 
 
-def load_shapes3d(data_dir, device, chunk=10_000):
+def load_shapes3d(data_dir, device, chunk=10_000, allow_subgrid=False):
     import h5py
-    path = Path(data_dir) / "3dshapes.h5"
+    path = _check_data_dir(data_dir) / "3dshapes.h5"
     if not path.exists():
         path = download("3dshapes.h5", data_dir, "shapes3d_procedural")
     t0 = time.perf_counter()
@@ -264,6 +377,7 @@ def load_shapes3d(data_dir, device, chunk=10_000):
             # Labels are float factor VALUES; the class of a value is its rank among that factor's values.
             classes = np.stack([np.unique(labels[:, k], return_inverse=True)[1].reshape(-1) for k in range(6)], 1)
             sizes = _sizes_from_layout(classes, path)
+            _check_official_sizes(sizes, SHAPES3D_SIZES, path, allow_subgrid)
             array = np.empty(images.shape, np.uint8)  # 5.5 GiB for the real file, filled in chunks
             for start in range(0, n, chunk):
                 images.read_direct(array, np.s_[start:start + chunk], np.s_[start:start + chunk])
@@ -403,12 +517,13 @@ class Shapes3DProcedural(ProceduralData):
         return img.permute(0, 3, 1, 2).contiguous()  # (B, 3, 64, 64)
 
 
-def load_dataset(name, data_dir="data", device="cpu"):
-    """The data set called `name` (one of DATASETS) on `device`."""
+def load_dataset(name, data_dir="data", device="cpu", allow_subgrid=False):
+    """The data set called `name` (one of DATASETS) on `device`. An official file must hold the official factor
+    grid unless allow_subgrid (a smaller file in the official layout, as the tests write)."""
     if name == "dsprites":
-        return load_dsprites(data_dir, device)
+        return load_dsprites(data_dir, device, allow_subgrid)
     if name == "shapes3d":
-        return load_shapes3d(data_dir, device)
+        return load_shapes3d(data_dir, device, allow_subgrid=allow_subgrid)
     if name == "dsprites_procedural":
         return DSpritesProcedural(device)
     if name == "shapes3d_procedural":
@@ -755,8 +870,13 @@ def _gap_score(gaps, H):
 
 def mig_from_matrix(mi, H):
     """MIG from an (L, K) MI matrix and the (K,) factor entropies."""
+    return _gap_score(mig_gaps(mi), H)
+
+
+def mig_gaps(mi):
+    """Per factor: the largest I(z_i; v_k) over the latents minus the second largest. (L, K) -> (K,)"""
     top = np.sort(mi, axis=0)[::-1]
-    return _gap_score(top[0] - top[1], H)
+    return top[0] - top[1]
 
 
 def group_mig_from_matrix(mi, H, content_latents, content_factors):
@@ -802,7 +922,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows '(default: X)' only where X says something (not for None and switches)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False):
+        if action.default is None or action.default is False:  # not `in (None, False)`: 0 == False
             return action.help
         return super()._get_help_string(action)
 
@@ -823,6 +943,9 @@ def build_parser(suppress_defaults=False):
            "shapes3d_procedural: built-in dSprites-like / 3DShapes-like renderers on the official factor grids, no "
            "download; faithful stand-ins, NOT the data sets")
     a("--data-dir", default="data", help="folder of the official data files")
+    a("--allow-subgrid", action="store_true", default=False,
+      help="accept a dsprites / shapes3d file in the official layout whose factor grid is smaller than the official "
+           "one (a test file); without it such a file is refused")
     a("--steps", type=int, default=300_000,
       help="training steps (one batch of groups each); 300,000 as disentanglement_lib / Locatello et al. 2020")
     a("--batch-size", type=int, default=32, help="groups per step (paper: 32 pairs = 64 images)")
@@ -837,8 +960,9 @@ def build_parser(suppress_defaults=False):
       help="factorisation of q-bar (Sec. 3): inter: q(z_c)q(z_\\c); inter_intra: q(z_c) prod_i q(z_\\c,i); "
            "full: prod_i q(z_i) (FactorVAE)")
     a("--content-factors", default=None,
-      help="comma-separated factor names of the content group c (default: dsprites shape,scale,orientation; "
-           "shapes3d object_hue,scale,shape, as the paper's Sec. 4.1)")
+      help="comma-separated factor names of the content group c (default: shapes3d object_hue,scale,shape, the "
+           "paper's Sec. 4.1; dsprites shape,scale,orientation, this project's choice: the paper names no dSprites "
+           "split)")
     a("--latent-dim", type=int, default=10, help="latent dims L")
     a("--content-dims", type=int, default=5, help="dims of z_c: the last ones of z (z_\\c are the first L - this)")
     a("--seed", type=int, default=0, help="seed of the data generator and of the model (init, noise, permutations)")
@@ -874,13 +998,36 @@ def finish_args(args):
     args.gamma = gamma0 if args.gamma is None else args.gamma
     if args.out is None:
         args.out = f"runs/{args.model}-{args.dataset}-seed{args.seed}"
+    return check_args(args)
+
+
+# What each flag must hold; a config.json or checkpoint read back is checked against it too.
+FLAG_TYPES = {"model": str, "dataset": str, "data_dir": str, "steps": int, "batch_size": int, "group_size": int,
+              "beta": (int, float), "gamma": (int, float), "tc_level": str, "content_factors": (str, type(None)),
+              "latent_dim": int, "content_dims": int, "seed": int, "device": str, "eval_samples": int,
+              "checkpoint_every": int, "log_every": int}
+
+
+def check_args(args):
+    """Every check with a message that names the flag; also run on flags read back from a run folder."""
+    for flag, kind in FLAG_TYPES.items():
+        value = getattr(args, flag)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"--{flag.replace('_', '-')} must be {getattr(kind, '__name__', 'a number')}, "
+                            f"got {value!r}")
+    for flag, choices in (("model", MODELS), ("dataset", DATASETS), ("tc_level", TC_LEVELS)):
+        if getattr(args, flag) not in choices:
+            raise UserError(f"--{flag.replace('_', '-')} must be one of {', '.join(choices)}, got "
+                            f"{getattr(args, flag)!r}")
+    check_device_name(args.device)
     for flag in ("steps", "batch_size", "latent_dim", "content_dims", "checkpoint_every", "log_every"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.group_size < 2:
         raise UserError(f"--group-size must be at least 2 (a group of observations), got {args.group_size}")
-    if args.eval_samples < 0:
-        raise UserError(f"--eval-samples must be 0 (all points) or positive, got {args.eval_samples}")
+    if args.eval_samples < 0 or args.eval_samples == 1:
+        raise UserError(f"--eval-samples must be 0 (all points) or at least 2 (disentanglement_lib: 10,000), got "
+                        f"{args.eval_samples}")
     for flag in ("beta", "gamma"):
         if not math.isfinite(getattr(args, flag)) or getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be a non-negative number, got {getattr(args, flag)}")
@@ -890,17 +1037,27 @@ def finish_args(args):
     return args
 
 
+def check_device_name(name):
+    """The spelling of --device, before anything is built (whether it is present is resolve_device's job)."""
+    if name == "auto":
+        return
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device: unsupported device '{name}'; expected auto, cpu, cuda, cuda:N or mps")
+
+
 def resolve_device(name):
+    check_device_name(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device '{name}'; expected auto, cpu, cuda, cuda:N or mps") from None
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -921,7 +1078,7 @@ class Run:
 
     def __init__(self, args, device):
         self.args, self.device = args, device
-        self.data = load_dataset(args.dataset, args.data_dir, device)
+        self.data = load_dataset(args.dataset, args.data_dir, device, args.allow_subgrid)
         names = args.content_factors if args.content_factors is not None else self.data.content_factors
         self.content_factors = resolve_factors(names, list(self.data.factor_names))
         torch.manual_seed(args.seed)  # network initialisation
@@ -1022,11 +1179,17 @@ class Run:
                 "torch_rng": torch.get_rng_state(), "log_sum": log_sum, "log_count": log_count}
 
     def save(self, path, log_sum, log_count):
-        tmp = Path(path).with_suffix(".tmp")
-        torch.save(self.state(log_sum, log_count), tmp)
-        os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint or the new one, never half of one
+        state = self.state(log_sum, log_count)  # tensors and plain types only: it loads with weights_only=True
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
 
-    def load(self, checkpoint):
+    def load(self, checkpoint, path="checkpoint"):
+        try:
+            self._load(checkpoint)
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as error:
+            raise UserError(f"the checkpoint {path} does not fit the run its flags describe "
+                            f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+
+    def _load(self, checkpoint):
         self.vae.load_state_dict(checkpoint["vae"])
         self.vae_opt.load_state_dict(checkpoint["vae_opt"])
         if self.D is not None:
@@ -1061,40 +1224,78 @@ class StopRequest:
         print("\ninterrupt: finishing this step and writing a checkpoint (again to stop at once)", file=sys.stderr)
 
 
+CHECKPOINT_KEYS = ("step", "train_seconds", "args", "vae", "vae_opt", "D", "d_opt", "data_gen", "model_gen",
+                   "torch_rng", "log_sum", "log_count")
+
+
 def load_checkpoint(path):
+    """A checkpoint holds tensors and plain types only; weights_only=True refuses anything else, so loading a file
+    never runs code from it."""
     try:
         # On the CPU: generator states must stay CPU byte tensors; load_state_dict moves the rest to the device.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"could not read the checkpoint {path} ({type(error).__name__}: {error})") from None
+        raise UserError(f"could not read the checkpoint {path} ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing or not isinstance(checkpoint["args"], dict) or not isinstance(checkpoint["step"], int):
+        raise UserError(f"{path} is not a grouptc checkpoint (missing or wrong: {', '.join(missing) or 'args, step'})")
+    return checkpoint
+
+
+def read_config(path):
+    """A run folder's config.json: the flags that define its run."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not read {path} ({error}); it should be the config.json this program wrote") from None
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise UserError(f"{path} is not a grouptc config.json (expected an object of flags)")
+    return saved
 
 
 def train(args):
-    """Train one run into args.out; returns the Run. Writes config.json, log.csv, checkpoint.pt."""
+    """Train one run into args.out (held by this process); returns the Run (None: finished before). Writes
+    config.json, log.csv, checkpoint.pt. The folder's config.json defines its run: --resume continues it from its
+    checkpoint, or restarts it from step 0 when it died before its first checkpoint."""
     out = Path(args.out)
-    ckpt_path, log_path = out / "checkpoint.pt", out / "log.csv"
-    checkpoint = None
-    if args.resume and ckpt_path.exists():
-        checkpoint = load_checkpoint(ckpt_path)
-        merge_saved_args(args, checkpoint["args"], ckpt_path)  # the saved --device too, unless typed anew
-    elif not args.resume and (ckpt_path.exists() or (out / "metrics.json").exists()):
+    ckpt_path, config_path, log_path = out / "checkpoint.pt", out / "config.json", out / "log.csv"
+    checkpoint = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
+    holds_run = ckpt_path.exists() or config_path.exists() or (out / "metrics.json").exists()
+    if not args.resume and holds_run:
         raise UserError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+    if checkpoint is not None:
+        merge_saved_args(args, checkpoint["args"], ckpt_path)  # the saved --device too, unless typed anew
+        if args.steps < checkpoint["step"]:
+            raise UserError(f"--steps {args.steps} is below the {checkpoint['step']:,} steps the run in {out} has "
+                            f"trained; give --steps {checkpoint['step']} or more (or leave it out)")
+        if args.steps == checkpoint["step"] and (out / "metrics.json").exists():
+            print(f"{out} is finished ({args.steps:,} steps, evaluated); nothing to do. --eval-only evaluates it "
+                  "again", file=sys.stderr)
+            return None
+    elif args.resume and config_path.exists():
+        merge_saved_args(args, read_config(config_path), config_path)
+        print(f"{out} has no checkpoint (its run stopped before the first one): restarting the run its config.json "
+              "defines from step 0", file=sys.stderr)
     device = resolve_device(args.device)
     run = Run(args, device)
     names = TERMS[args.model]
     log_sum, log_count = torch.zeros(len(names), device=device), 0
     if checkpoint is not None:
-        run.load(checkpoint)
+        run.load(checkpoint, ckpt_path)
         log_sum, log_count = checkpoint["log_sum"].to(device), checkpoint["log_count"]
         print(f"resuming {out} at step {run.step:,}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(public_args(args), indent=2) + "\n")
+    write_text_atomic(config_path, json.dumps(public_args(args), indent=2) + "\n")
     rows = read_log(log_path) if log_path.exists() and checkpoint is not None else []
-    rows = [r for r in rows if int(r["step"]) <= run.step]  # drop rows written after the checkpoint
-    with open(log_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", *names, "ms_per_step"])
-        writer.writerows([[r["step"], *[r[n] for n in names], r["ms_per_step"]] for r in rows])
+    rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= run.step]  # after the checkpoint:
+    # dropped (and so is a row cut short by a crash)
+
+    def write_log(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", *names, "ms_per_step"])
+            writer.writerows([[r["step"], *[r[n] for n in names], r["ms_per_step"]] for r in rows])
+    write_atomic(log_path, write_log)
 
     stop = StopRequest()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1143,13 +1344,32 @@ def train(args):
 
 
 def merge_saved_args(args, saved, path):
-    """A resumed or re-evaluated run keeps its saved flags; a run-defining flag typed anew must agree."""
+    """A resumed or re-evaluated run keeps its saved flags; a run-defining flag typed anew must agree. The merged
+    flags pass the same checks as typed ones."""
+    known = set(vars(args))
     for key, value in saved.items():
-        if key in args.given and key in RUN_DEFINING and getattr(args, key) is not None and getattr(args, key) != value:
-            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the run in {path.parent} "
+        if key not in known or key in ("given", "resume", "eval_only", "out", "summarize"):
+            continue
+        typed = getattr(args, key)
+        if key in args.given and key in RUN_DEFINING and typed is not None and not _same_flag(key, typed, value,
+                                                                                                saved):
+            raise UserError(f"--{key.replace('_', '-')} {typed} differs from the run in {path.parent} "
                             f"({value}); leave it out to keep the saved value, or use another --out")
-        if key not in args.given and key not in ("resume", "eval_only", "out", "summarize"):
+        if key not in args.given:
             setattr(args, key, value)
+    try:
+        check_args(args)
+    except UserError as error:
+        raise UserError(f"{path} holds a flag this program refuses: {error}") from None
+
+
+def _same_flag(key, typed, saved_value, saved):
+    """Whether a flag typed anew says what the saved one says (the default content factors, typed out, do)."""
+    if key != "content_factors":
+        return typed == saved_value
+    defaults = DEFAULT_CONTENT.get(saved.get("dataset"), ())
+    names = lambda v: set(defaults) if v is None else {n.strip() for n in str(v).split(",") if n.strip()}
+    return names(typed) == names(saved_value)
 
 
 def read_log(path):
@@ -1169,7 +1389,10 @@ def format_seconds(s):
 def encode_means(vae, data, classes, batch=1024):
     """(N, K) classes -> (N, L) encoder means as float64 numpy, encoded in batches on the data's device."""
     vae.eval()
-    codes = [vae.encode(data.images(classes[i:i + batch]))[0].float().cpu() for i in range(0, len(classes), batch)]
+    codes = []
+    for i in range(0, len(classes), batch):
+        codes.append(vae.encode(data.images(classes[i:i + batch]))[0].float().cpu())
+        _progress(f"encoding {len(classes):,} points", i + len(codes[-1]), len(classes))
     vae.train()
     return torch.cat(codes).double().numpy()
 
@@ -1206,6 +1429,14 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path, dpi):
+    """Write a figure as PNG atomically (never a 0-byte or half-written picture), then free it."""
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        _plt().close(fig)
+
+
 def plot_mi_matrix(metrics, path):
     """Figure 3(a): I(z_i; v_k) / H(v_k), latent groups and factor groups marked, MIG and group-MIG in the title."""
     plt = _plt()
@@ -1230,8 +1461,7 @@ def plot_mi_matrix(metrics, path):
                  f"MIG {metrics['mig']:.3f}   group-MIG {metrics['group_mig']:.3f}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, 110)
 
 
 def tile(images, pad=2):
@@ -1251,8 +1481,7 @@ def _image_figure(picture, path, row_labels, title, rows, cols, dpi=100):
     ax.set_xticks([])
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    save_figure(fig, path, dpi)
 
 
 @torch.no_grad()
@@ -1303,15 +1532,18 @@ def plot_training_curves(log_path, path):
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, 90)
 
 
 def evaluate_and_plot(run, out, n_samples):
     out = Path(out)
     print(f"evaluating on {n_samples or run.data.num_points:,} points", file=sys.stderr)
     metrics, codes = evaluate(run, n_samples, run.args.seed)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    if not all(math.isfinite(metrics[k]) for k in ("mig", "group_mig")):
+        raise UserError(f"the evaluation on {metrics['eval_samples']:,} points gave MIG {metrics['mig']} and group-MIG "
+                        f"{metrics['group_mig']} (every factor took a single value there); nothing was written. "
+                        f"Evaluate on more points: --eval-only --out {out} --eval-samples 10000")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False) + "\n")
     plot_mi_matrix(metrics, out / "mi_matrix.png")
     plot_reconstructions(run, out / "reconstructions.png", seed=run.args.seed)
     plot_traversals(run, codes, out / "traversals.png", seed=run.args.seed)
@@ -1324,18 +1556,21 @@ def evaluate_and_plot(run, out, n_samples):
 def eval_only(args):
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    if not ckpt_path.exists():
-        raise UserError(f"--eval-only: no checkpoint.pt in {out}; give --out the folder of a trained run")
     checkpoint = load_checkpoint(ckpt_path)
     merge_saved_args(args, checkpoint["args"], ckpt_path)
     run = Run(args, resolve_device(args.device))
-    run.load(checkpoint)
+    run.load(checkpoint, ckpt_path)
     return evaluate_and_plot(run, out, args.eval_samples)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Summary of a grid of runs: Figure 4 (densities), Figure 3(b) (content vs non-content), Figure 3(c) (group size).
 # ----------------------------------------------------------------------------------------------------------------
+def _legend(ax):
+    if ax.get_legend_handles_labels()[0]:  # an empty legend is a matplotlib warning
+        ax.legend(fontsize=8)
+
+
 def _density(values, grid):
     """Gaussian kernel density with Scott's bandwidth (a floor keeps one-valued sets visible)."""
     values = np.asarray(values, float)
@@ -1354,21 +1589,40 @@ def run_label(m):
 
 
 def load_runs(runs_dir):
+    """Every metrics.json under runs_dir that has the structure evaluate() writes; others are skipped, with a line
+    that says why."""
     runs = []
     for path in sorted(Path(runs_dir).rglob("metrics.json")):
         try:
-            runs.append(json.loads(path.read_text()) | {"path": str(path.parent)})
-        except (OSError, ValueError) as error:
-            print(f"skipping {path}: {error}", file=sys.stderr)
+            m = json.loads(path.read_text())
+            mi = np.array(m["mi_matrix"], float)
+            K = len(m["factor_names"])
+            if not (mi.ndim == 2 and mi.shape[1] == K == len(m["factor_entropy"])
+                    and math.isfinite(m["mig"]) and math.isfinite(m["group_mig"])
+                    and set(m["content_factors"]) <= set(m["factor_names"])
+                    and all(0 <= i < len(mi) for i in m["content_latents"])):
+                raise ValueError("its MI matrix, factors or scores do not agree")
+            for key in ("model", "dataset", "beta", "gamma", "steps"):
+                m[key]  # noqa: B018 (present, or KeyError)
+            runs.append(m | {"path": str(path.parent)})
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"skipping {path}: not a metrics.json of this program ({type(error).__name__}: {error})",
+                  file=sys.stderr)
     return runs
+
+
+def factor_gaps(m):
+    """Per factor of a run: its MIG gap and its group-MIG gap, each over H(v_k) (NaN for one-valued factors)."""
+    mi, H = np.array(m["mi_matrix"]), np.array(m["factor_entropy"])
+    content = [m["factor_names"].index(n) for n in m["content_factors"]]
+    H = np.where(H > 0, H, np.nan)
+    return mig_gaps(mi) / H, group_gaps(mi, m["content_latents"], content) / H
 
 
 def split_group_mig(m):
     """group-MIG over the content factors alone and over the non-content factors alone (Figure 3b)."""
-    mi, H = np.array(m["mi_matrix"]), np.array(m["factor_entropy"])
-    content = [m["factor_names"].index(n) for n in m["content_factors"]]
-    per_factor = group_gaps(mi, m["content_latents"], content) / np.where(H > 0, H, np.nan)
-    is_content = np.isin(np.arange(len(H)), content)
+    per_factor = factor_gaps(m)[1]
+    is_content = np.isin(m["factor_names"], m["content_factors"])
     return float(np.nanmean(per_factor[is_content])), float(np.nanmean(per_factor[~is_content]))
 
 
@@ -1393,34 +1647,54 @@ def summarize(runs_dir):
             steps = sorted({m["steps"] for m in group})
             lines.append(f"| {label} | {len(group)} | {', '.join(f'{s:,}' for s in steps)} | {a.mean():.3f} | "
                          f"{np.median(a):.3f} | {a.max():.3f} | {b.mean():.3f} | {np.median(b):.3f} | {b.max():.3f} |")
-        lines += ["", "Per setting (mean over seeds):", "",
-                  "| model | beta | gamma | runs | MIG mean | group-MIG mean |", "|---|---|---|---|---|---|"]
+        lines += ["", "Per setting (mean over seeds; then each seed's score, in seed order):", "",
+                  "| model | beta | gamma | runs | MIG mean | group-MIG mean | MIG per seed | group-MIG per seed |",
+                  "|---|---|---|---|---|---|---|---|"]
         settings = sorted({(run_label(m), m["beta"], m["gamma"]) for m in rs},
                           key=lambda s: (s[0].split()[0] != "group_tcvae", s))
-        for label, beta, gamma in settings:
-            group = [m for m in rs if (run_label(m), m["beta"], m["gamma"]) == (label, beta, gamma)]
+        by_setting = {key: sorted([m for m in rs if (run_label(m), m["beta"], m["gamma"]) == key],
+                                  key=lambda m: m.get("seed", 0)) for key in settings}
+        for (label, beta, gamma), group in by_setting.items():
+            seeds = lambda k: ", ".join(f"{m[k]:.3f}" for m in group)
             lines.append(f"| {label} | {beta:g} | {gamma:g} | {len(group)} | "
-                         f"{np.mean([m['mig'] for m in group]):.3f} | {np.mean([m['group_mig'] for m in group]):.3f} |")
+                         f"{np.mean([m['mig'] for m in group]):.3f} | {np.mean([m['group_mig'] for m in group]):.3f} | "
+                         f"{seeds('mig')} | {seeds('group_mig')} |")
+        names = rs[0]["factor_names"]
+        content = set(rs[0]["content_factors"])
+        for j, what in enumerate(("MIG gap", "group-MIG gap")):
+            lines += ["", f"Per factor: {what} over H(v), mean over seeds (c: content factor, \\c: the others). "
+                      + ("The gap between the two latents that know the factor best; MIG is the mean of this row."
+                         if j == 0 else "Best latent of the factor's own group minus the best of the other group; "
+                         "group-MIG is the mean of this row."), "",
+                      "| model | beta | gamma | " + " | ".join(("c: " if n in content else "\\c: ") + n
+                                                         for n in names) + " |",
+                      "|---|---|---|" + "---|" * len(names)]
+            for (label, beta, gamma), group in by_setting.items():
+                gaps = np.nanmean([factor_gaps(m)[j] for m in group], axis=0)
+                lines.append(f"| {label} | {beta:g} | {gamma:g} | " + " | ".join(f"{g:.3f}" for g in gaps) + " |")
         lines.append("")
         main_runs = [m for m in rs if run_label(m) == m["model"]]  # the paper's grid: pairs, TC inter
-        # Figure 4: density of MIG and group-MIG per model.
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        # Figure 4: density of MIG and group-MIG per model (points alone for a model with fewer than 3 runs).
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        left_out = len(rs) - len(main_runs)
         for ax, key, title in zip(axes, ("group_mig", "mig"), ("group-MIG", "MIG")):
             values = [m[key] for m in main_runs]
             lo, hi = min(values + [0.0]) - 0.05, max(values + [0.0]) + 0.05
             grid = np.linspace(lo, hi, 300)
             for model in MODELS:
                 v = [m[key] for m in main_runs if m["model"] == model]
-                if v:
+                if len(v) >= 3:
                     ax.plot(grid, _density(v, grid), color=colors[model], label=f"{model} (n={len(v)})")
                     ax.fill_between(grid, _density(v, grid), color=colors[model], alpha=0.15)
                     ax.plot(v, np.zeros(len(v)), "|", color=colors[model], ms=12)
-            ax.set_title(f"{title} over all runs ({dataset})", fontsize=10)
+                elif v:
+                    ax.plot(v, np.zeros(len(v)), "o", color=colors[model], ms=6, label=f"{model} (n={len(v)}, points)")
+            ax.set_title(f"{title}, {len(main_runs)} runs of the paper's grid ({dataset})\n(pairs, TC inter; every "
+                         f"beta and gamma" + (f"; {left_out} other runs not shown)" if left_out else ")"), fontsize=9)
             ax.set_xlabel(f"{title} (higher is better)")
-            ax.legend(fontsize=8)
+            _legend(ax)
         fig.tight_layout()
-        fig.savefig(runs_dir / f"figure4_{dataset}.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, runs_dir / f"figure4_{dataset}.png", 110)
         # Figure 3(b): group-MIG of the content and non-content factors, baselines' runs.
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
         positions, ticks = 0, []
@@ -1437,16 +1711,20 @@ def summarize(runs_dir):
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xticks([t[0] for t in ticks], [t[1] for t in ticks], fontsize=8)
         ax.set_ylabel("group-MIG")
-        ax.set_title(f"Figure 3(b), {dataset}: group-MIG of content vs non-content", fontsize=9)
+        betas = sorted({m["beta"] for m in main_runs if m["model"] != "group_tcvae"})
+        ax.set_title(f"Figure 3(b), {dataset}: group-MIG of content vs non-content\n(MLVAE, GVAE runs of pairs at "
+                     f"beta {', '.join(f'{b:g}' for b in betas)})", fontsize=9)
         fig.tight_layout()
-        fig.savefig(runs_dir / f"figure3b_{dataset}.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, runs_dir / f"figure3b_{dataset}.png", 110)
         # Figure 3(c): MIG against the number of observations sharing a group.
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        # The runs at larger groups use the baselines' first beta; pairs are compared at the same beta(s).
+        betas = sorted({m["beta"] for m in rs if m["model"] != "group_tcvae" and m.get("group_size", 2) != 2}) or \
+            sorted({m["beta"] for m in rs if m["model"] != "group_tcvae"})
         for model in ("mlvae", "gvae"):
             by_size = {}
             for m in rs:
-                if m["model"] == model:
+                if m["model"] == model and m["beta"] in betas:
                     by_size.setdefault(m.get("group_size", 2), []).append(m["mig"])
             if by_size:
                 sizes = sorted(by_size)
@@ -1456,11 +1734,11 @@ def summarize(runs_dir):
                             color=colors[model], marker="s", capsize=3, label=model)
         ax.set_xlabel("observations per group (--group-size)")
         ax.set_ylabel("MIG")
-        ax.set_title(f"Figure 3(c), {dataset}: MIG vs group size", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.set_title(f"Figure 3(c), {dataset}: MIG vs group size\n(MLVAE, GVAE runs at beta "
+                     f"{', '.join(f'{b:g}' for b in betas)})", fontsize=9)
+        _legend(ax)
         fig.tight_layout()
-        fig.savefig(runs_dir / f"figure3c_{dataset}.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, runs_dir / f"figure3c_{dataset}.png", 110)
     (runs_dir / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote results.md and figures to {runs_dir}", file=sys.stderr)
@@ -1478,15 +1756,28 @@ def main(argv=None):
             summarize(args.summarize)
             return 0
         finish_args(args)
-        if args.eval_only:
-            eval_only(args)
+        if args.eval_only and not (Path(args.out) / "checkpoint.pt").is_file():
+            raise UserError(f"--eval-only: no checkpoint.pt in {args.out}; give --out the folder of a trained run")
+        try:
+            with RunFolderLock(args.out):  # one process writes a run folder at a time
+                if args.eval_only:
+                    eval_only(args)
+                    return 0
+                run = train(args)
+                if run is not None:
+                    evaluate_and_plot(run, args.out, args.eval_samples)
             return 0
-        run = train(args)
-        evaluate_and_plot(run, args.out, args.eval_samples)
-        return 0
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; the files in {args.out} are whole (each is written at once or not at all). "
+                  f"Continue with --resume --out {args.out}, or evaluate with --eval-only --out {args.out}",
+                  file=sys.stderr)
+            return 130
+        except OSError as error:  # a write that write_atomic does not cover (log.csv's rows), a read error
+            raise UserError(f"{error.filename or args.out}: {error.strerror or error}"
+                            f"{_disk_note(error.filename or args.out)}") from None
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
 
 
 if __name__ == "__main__":

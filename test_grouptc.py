@@ -1,7 +1,9 @@
 """Tests for grouptc.py: oracles for every pure function, tiny files in the official layouts, smoke runs of the
 CLI. Run: python -m pytest -q test_grouptc.py"""
 
+import argparse
 import csv
+import errno
 import hashlib
 import json
 import math
@@ -23,7 +25,7 @@ from torch.distributions import Normal, kl_divergence
 import grouptc as gt
 
 HERE = Path(__file__).resolve().parent
-REAL_FRAMES = HERE.parent / "shared" / "data" / "dsprites_real_frames.npz"
+REAL_FRAMES = HERE / "fixtures" / "dsprites_real_frames.npz"  # 202 real dSprites frames and their classes
 
 
 # ------------------------------------------------------------------------------------------------ data: layouts
@@ -72,7 +74,7 @@ def test_dsprites_file_gives_the_image_at_the_flat_index(tmp_path, container):
         write_dsprites_npz(tmp_path / gt.DSPRITES_NPZ, imgs, classes)
     else:
         write_dsprites_hdf5(tmp_path / gt.DSPRITES_HDF5, imgs, classes)
-    data = gt.load_dataset("dsprites", tmp_path)
+    data = gt.load_dataset("dsprites", tmp_path, allow_subgrid=True)
     assert data.factor_names == gt.DSPRITES_FACTORS and data.factor_sizes == TINY_DSPRITES[1:]
     assert data.content_factors == ("shape", "scale", "orientation")
     query = torch.tensor([[0, 0, 0, 0, 0], [2, 1, 1, 2, 1], [1, 0, 1, 1, 0]])
@@ -94,7 +96,7 @@ def test_shapes3d_file_gives_the_image_at_the_flat_index(tmp_path):
     with h5py.File(tmp_path / "3dshapes.h5", "w") as f:
         f.create_dataset("images", data=images, chunks=(1, 64, 64, 3), compression="gzip")
         f.create_dataset("labels", data=labels)
-    data = gt.load_dataset("shapes3d", tmp_path)
+    data = gt.load_dataset("shapes3d", tmp_path, allow_subgrid=True)
     assert data.factor_sizes == sizes and data.channels == 3
     query = torch.tensor([[1, 0, 2, 1, 0, 2], [0, 1, 1, 0, 1, 0]])
     x = data.images(query)
@@ -124,7 +126,7 @@ def test_download_checks_the_digest_then_renames(tmp_path, monkeypatch):
         gt.load_dataset("dsprites", tmp_path / "bad")
     assert list((tmp_path / "bad").iterdir()) == []
     monkeypatch.setitem(gt.DOWNLOADS, gt.DSPRITES_NPZ, (source.as_uri(), "md5", digest))
-    data = gt.load_dataset("dsprites", tmp_path / "good")
+    data = gt.load_dataset("dsprites", tmp_path / "good", allow_subgrid=True)
     assert (tmp_path / "good" / gt.DSPRITES_NPZ).read_bytes() == source.read_bytes()
     assert data.factor_sizes == TINY_DSPRITES[1:]
 
@@ -138,13 +140,13 @@ def test_corrupt_and_wrong_files_get_a_message_and_are_kept(tmp_path):
     imgs, classes = tiny_dsprites_arrays()
     np.savez(path, images=imgs, latents_classes=classes)  # wrong key
     with pytest.raises(gt.UserError, match="expected keys 'imgs'"):
-        gt.load_dataset("dsprites", tmp_path)
+        gt.load_dataset("dsprites", tmp_path, allow_subgrid=True)
     np.savez(path, imgs=imgs.astype(np.float32), latents_classes=classes)  # wrong dtype
     with pytest.raises(gt.UserError, match="uint8"):
-        gt.load_dataset("dsprites", tmp_path)
+        gt.load_dataset("dsprites", tmp_path, allow_subgrid=True)
     np.savez(path, imgs=imgs, latents_classes=classes[::-1].copy())  # rows out of order
     with pytest.raises(gt.UserError, match="not ordered"):
-        gt.load_dataset("dsprites", tmp_path)
+        gt.load_dataset("dsprites", tmp_path, allow_subgrid=True)
     (tmp_path / "3dshapes.h5").write_bytes(b"\x89HDF broken")
     with pytest.raises(gt.UserError, match="3dshapes.h5"):
         gt.load_dataset("shapes3d", tmp_path)
@@ -752,3 +754,301 @@ def test_resume_keeps_the_saved_device_and_survives_a_device_change(tmp_path, mo
     torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")
     assert gt.main(["--resume", "--out", out, "--steps", "10"]) == 0
     assert "generators belong to another device" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ nothing lost, nothing mixed up
+BASE = ["--dataset", "dsprites_procedural", "--device", "cpu", *TINY]
+
+
+def test_resume_without_a_checkpoint_restarts_the_run_its_config_defines(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    config = vars(gt.finish_args(gt.parse_args(["--model", "gvae", "--beta", "4", "--out", str(out), *BASE])))
+    (out / "config.json").write_text(json.dumps(gt.public_args(argparse.Namespace(**config))))
+    (out / "log.csv").write_text("step,loss,rec,kl,ms_per_step\n")
+    assert gt.main(["--resume", "--out", str(out), "--model", "mlvae"]) == 2  # contradicts config.json
+    assert "--model mlvae differs" in capsys.readouterr().err
+    assert gt.main(["--out", str(out), *BASE]) == 2  # a folder with a config.json holds a run
+    assert "already holds a run" in capsys.readouterr().err
+    assert gt.main(["--resume", "--out", str(out)]) == 0
+    assert "restarting the run its config.json defines" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "gvae" and metrics["beta"] == 4 and metrics["steps"] == 6
+
+
+def test_a_run_folder_is_held_by_one_process(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import grouptc, sys, time\n"
+                               f"lock = grouptc.RunFolderLock({str(out)!r}).__enter__()\nprint('held', flush=True)\n"
+                               "time.sleep(600)"], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert gt.main(["--model", "gvae", "--out", str(out), *BASE]) == 3
+        assert f"is in use by process {holder.pid} on" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()  # kill -9: the OS drops the lock with the process
+        holder.wait()
+    assert gt.main(["--model", "gvae", "--out", str(out), *BASE]) == 0
+
+
+def test_two_run_paper_sh_on_one_runs_dir_never_train_a_run_twice(tmp_path):
+    env = os.environ | {"STEPS": "4", "SEEDS": "0", "DATASETS": "dsprites_procedural", "TCVAE_BETAS": "10",
+                        "TCVAE_GAMMAS": "1", "BASE_BETAS": "1", "GROUP_SIZES": "2", "TC_LEVELS": "inter",
+                        "ABLATION_GAMMA": "1",
+                        "BATCH_SIZE": "4", "EVAL_SAMPLES": "200", "LOG_EVERY": "2", "JOBS": "1",
+                        "RUNS_DIR": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    first, second = (subprocess.Popen(["bash", "run_paper.sh"], cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
+                     for _ in range(2))
+    errs = [p.communicate(timeout=600)[1] for p in (first, second)]
+    runs = sorted((tmp_path / "runs" / "dsprites_procedural").iterdir())
+    assert len(runs) == 3
+    for run in runs:
+        assert (run / "stdout.log").read_text().count("training ") == 1, run  # trained by one process only
+        assert [r["step"] for r in gt.read_log(run / "log.csv")] == ["2", "4"]  # no interleaved rows
+    assert sum("results.md" in e for e in errs) >= 1  # the last to see every run done summarises
+    assert (tmp_path / "runs" / "results.md").exists()
+
+
+def test_a_failed_download_removes_only_its_own_partial_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(gt.DOWNLOADS, gt.DSPRITES_NPZ, ("http://127.0.0.1:9/x.npz", "md5", "0" * 32))
+    theirs = tmp_path / (gt.DSPRITES_NPZ + ".part")  # another program's download in progress
+    theirs.write_bytes(b"someone else's bytes")
+    with pytest.raises(gt.UserError):
+        gt.load_dataset("dsprites", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [theirs.name]
+    assert theirs.read_bytes() == b"someone else's bytes"
+
+
+def test_resume_with_fewer_steps_than_trained_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", "--out", str(out), *BASE]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert gt.main(["--resume", "--out", str(out), "--steps", "3"]) == 2
+    assert "--steps 3 is below the 6 steps" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert gt.main(["--resume", "--out", str(out)]) == 0  # finished: nothing to do, nothing rewritten
+    assert "nothing to do" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_eval_only_never_replaces_good_metrics_with_nan(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", "--out", str(out), *BASE]) == 0
+    good = (out / "metrics.json").read_bytes()
+    assert gt.main(["--eval-only", "--out", str(out), "--eval-samples", "1"]) == 2
+    assert "--eval-samples must be 0 (all points) or at least 2" in capsys.readouterr().err
+    original = gt.evaluate
+    monkeypatch.setattr(gt, "evaluate", lambda *a: (original(*a)[0] | {"mig": float("nan")}, original(*a)[1]))
+    assert gt.main(["--eval-only", "--out", str(out), "--eval-samples", "500"]) == 2
+    assert "nothing was written" in capsys.readouterr().err
+    assert (out / "metrics.json").read_bytes() == good
+    json.loads(good)  # strict JSON (no NaN tokens)
+
+
+class _RunsCode:
+    """Unpickling this object would create the folder `marker`: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", "--out", str(out), *BASE]) == 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)  # what we write loads with weights_only
+    marker = tmp_path / "pwned"
+    torch.save(checkpoint | {"payload": _RunsCode(str(marker))}, out / "checkpoint.pt")
+    for flags in (["--eval-only"], ["--resume", "--steps", "8"]):
+        assert gt.main([*flags, "--out", str(out)]) == 2
+        assert "could not read the checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("broken", ["missing key", "wrong shape", "not a dict"])
+def test_a_checkpoint_of_the_wrong_structure_is_a_clear_error(tmp_path, capsys, broken):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", "--out", str(out), *BASE]) == 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    if broken == "missing key":
+        del checkpoint["vae_opt"]
+    elif broken == "wrong shape":
+        checkpoint["vae"] = gt.VAE(1, 6).state_dict()
+    else:
+        checkpoint = [1, 2, 3]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert gt.main(["--eval-only", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and "checkpoint" in err
+
+
+def test_official_files_must_hold_the_official_grid_and_pixels(tmp_path, capsys):
+    imgs, classes = tiny_dsprites_arrays()
+    write_dsprites_npz(tmp_path / gt.DSPRITES_NPZ, imgs, classes)
+    with pytest.raises(gt.UserError, match=r"factor sizes \(3, 2, 2, 3, 2\).*--allow-subgrid"):
+        gt.load_dataset("dsprites", tmp_path)
+    write_dsprites_npz(tmp_path / gt.DSPRITES_NPZ, imgs * 255, classes)  # a 0/255 file
+    with pytest.raises(gt.UserError, match="0 or 1, found values up to 255"):
+        gt.load_dataset("dsprites", tmp_path, allow_subgrid=True)
+    write_dsprites_npz(tmp_path / gt.DSPRITES_NPZ, imgs, classes)
+    argv = ["--dataset", "dsprites", "--data-dir", str(tmp_path), "--model", "gvae", *TINY, "--eval-samples", "50"]
+    assert gt.main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "--allow-subgrid" in capsys.readouterr().err
+    assert gt.main([*argv, "--out", str(tmp_path / "b"), "--allow-subgrid"]) == 0
+
+
+def test_bad_places_get_a_clear_message_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    built = []
+    monkeypatch.setattr(gt, "load_dataset", lambda *a, **k: built.append(a))
+    cases = [(["--out", str(afile)], "is a file, not a folder"),
+             (["--out", str(afile / "run")], "is a file, not a folder"),
+             (["--device", "meta"], "unsupported device 'meta'"),
+             (["--device", "xpu"], "unsupported device 'xpu'")]
+    for flags, message in cases:
+        assert gt.main(["--model", "gvae", *BASE, "--out", str(tmp_path / "run"), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert built == [] and afile.read_text() == "keep me"
+    monkeypatch.undo()
+    assert gt.main(["--model", "gvae", "--dataset", "dsprites", "--data-dir", str(afile), "--out",
+                    str(tmp_path / "r2")]) == 2
+    assert f"--data-dir {afile} is a file" in capsys.readouterr().err
+
+
+def test_a_read_only_out_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(gt.os, "open", read_only)
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(tmp_path / "run")]) == 2
+    assert "cannot write there (Read-only file system)" in capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_disk_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_fills_up(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gt.torch, "save", disk_fills_up)
+    assert gt.main(["--resume", "--out", str(out), "--steps", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "MiB free" in err and str(out) in err
+    assert (out / "checkpoint.pt").read_bytes() == good
+    monkeypatch.setattr(gt.torch, "save", real_save)
+    plt = gt._plt()
+    monkeypatch.setattr(plt.Figure, "savefig", lambda self, f, **k: disk_fills_up(None, f))
+    assert gt.main(["--eval-only", "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.stat().st_size == 0]
+
+
+def test_ctrl_c_during_evaluation_is_a_clear_message(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    good = (out / "metrics.json").read_bytes()
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gt, "mutual_info_and_entropy", interrupted)
+    assert gt.main(["--eval-only", "--out", str(out)]) == 130
+    assert "interrupted; the files in" in capsys.readouterr().err
+    assert (out / "metrics.json").read_bytes() == good
+
+
+def test_summary_skips_metrics_of_the_wrong_structure(tmp_path, capsys):
+    out = tmp_path / "runs" / "good"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    for name, text in (("a", '{"mig": 0.1}'), ("b", "[1, 2]"), ("c", "not json")):
+        (tmp_path / "runs" / name).mkdir()
+        (tmp_path / "runs" / name / "metrics.json").write_text(text)
+    assert gt.main(["--summarize", str(tmp_path / "runs")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipping") == 3 and "Traceback" not in err
+    assert "| gvae | 1 |" in (tmp_path / "runs" / "results.md").read_text()
+
+
+def test_retyping_the_default_content_factors_on_resume_is_accepted(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    assert gt.main(["--resume", "--out", str(out), "--steps", "8", "--content-factors",
+                    "orientation, shape,scale"]) == 0
+    assert gt.main(["--resume", "--out", str(out), "--steps", "9", "--content-factors", "posX"]) == 2
+    assert "--content-factors posX differs" in capsys.readouterr().err
+
+
+def test_help_shows_every_meaningful_default(capsys):
+    with pytest.raises(SystemExit):
+        gt.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(init, noise, permutations) (default: 0)" in text
+
+
+def test_readme_says_how_to_avoid_the_cuda_download_before_the_setup_commands():
+    text = (HERE / "README.md").read_text()
+    assert text.index("download.pytorch.org/whl/cpu") < text.index("pip install -r requirements.txt")
+
+
+def test_evaluation_on_every_point_shows_progress(tmp_path, monkeypatch, capsys):
+    run = tiny_run(tmp_path, model="gvae")
+    monkeypatch.setattr(type(run.data), "factor_sizes", (3, 2, 2, 4, 3))
+    gt.evaluate(run, 0)
+    assert "encoding 144 points: 100.0%" in capsys.readouterr().err
+
+
+def test_summary_prints_no_warnings(tmp_path, recwarn):
+    out = tmp_path / "runs" / "only"
+    assert gt.main(["--model", "group_tcvae", *BASE, "--out", str(out)]) == 0  # no baseline: empty Figure 3(c)
+    assert gt.main(["--summarize", str(tmp_path / "runs")]) == 0
+    assert [str(w.message) for w in recwarn] == []
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"STEPS": "3k"}, "STEPS must be a positive whole number"),
+    ({"SEEDS": ""}, "SEEDS is set but empty"),
+    ({"DATASETS": " "}, "DATASETS is set but empty"),
+    ({"RUNS_DIR": "my runs"}, "RUNS_DIR must not contain spaces"),
+    ({"TC_LEVELS": "inter most"}, "unknown level 'most'"),
+    ({"DATASETS": "mnist"}, "unknown data set 'mnist'"),
+])
+def test_run_paper_checks_its_settings_up_front(tmp_path, env, message):
+    done = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, capture_output=True, text=True,
+                          env=os.environ | {"RUNS_DIR": str(tmp_path / "runs"), "DRY_RUN": "1"} | env)
+    assert done.returncode == 2 and message in done.stderr and done.stdout == ""
+    assert not (tmp_path / "runs").exists()
+
+
+def test_slurm_array_task_runs_one_entry_of_the_list(tmp_path):
+    env = os.environ | {"STEPS": "2", "SEEDS": "0", "DATASETS": "dsprites_procedural", "TCVAE_BETAS": "10",
+                        "TCVAE_GAMMAS": "1", "BASE_BETAS": "1", "GROUP_SIZES": "2", "TC_LEVELS": "inter",
+                        "ABLATION_GAMMA": "1",
+                        "BATCH_SIZE": "4", "EVAL_SAMPLES": "100", "RUNS_DIR": str(tmp_path / "runs"),
+                        "PYTHON": sys.executable}
+    listed = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env | {"DRY_RUN": "1"}, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    count = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env | {"COUNT": "1"}, capture_output=True,
+                           text=True, check=True).stdout
+    assert int(count) == len(listed) == 3
+    task = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env | {"SLURM_ARRAY_TASK_ID": "1",
+                          "SLURM_SUBMIT_DIR": str(HERE)}, capture_output=True, text=True)
+    assert task.returncode == 0, task.stderr
+    done = [p.parent.name for p in (tmp_path / "runs").rglob("metrics.json")]
+    assert done == [listed[1].split("--out ")[1].split()[0].rsplit("/", 1)[1]]  # entry 1, and only it
+    assert not (tmp_path / "runs" / "results.md").exists()  # the summary is its own step
+    bad = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env | {"SLURM_ARRAY_TASK_ID": "3"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not an entry (0..2)" in bad.stderr
