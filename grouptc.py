@@ -27,10 +27,13 @@ figures -> summary of a grid -> command line.
 """
 
 import argparse
+import contextlib
+import copy
 import csv
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -39,6 +42,7 @@ import signal
 import socket
 import sys
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -681,10 +685,12 @@ def tc_blocks(level, latent_dim, content_dims):
     return torch.tensor(blocks)
 
 
-def permute_codes(z, blocks, generator=None):
+def permute_codes(z, blocks, generator=None, u=None):
     """Samples of q-bar: each block of dims gets its own random permutation of the N codes (rows).
-    z (N, L), blocks (L,) long block ids in [0, L) -> (N, L)."""
-    perm = torch.rand(z.shape, generator=generator, device=z.device).argsort(0)  # (N, L): one per possible block
+    z (N, L), blocks (L,) long block ids in [0, L) -> (N, L). u: the (N, L) uniform noise that orders the
+    permutations, drawn from `generator` when not given."""
+    u = torch.rand(z.shape, generator=generator, device=z.device) if u is None else u
+    perm = u.argsort(0)  # (N, L): one permutation per possible block
     return z.gather(0, perm[:, blocks.to(z.device)])  # dims of one block share their block's permutation
 
 
@@ -709,8 +715,9 @@ def shared_dims(shares_content, latent_dim, content_dims):
     return is_content[None] == shares_content[:, None]
 
 
-def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims, generator=None):
-    """The loss of one batch of groups, for all three models. x (B, G, C, 64, 64), shares_content (B,).
+def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims, generator=None, eps=None):
+    """The loss of one batch of groups, for all three models. x (B, G, C, 64, 64), shares_content (B,); eps
+    (B, G, L) the reparameterisation noise, drawn from `generator` when not given.
     Returns (loss, terms, z): terms holds each term's value per image; z (B*G, L) the sampled codes.
     Every term is per image: the paper's sums over the G members of a group are averaged instead, as
     disentanglement_lib's 0.5 * (rec1 + rec2) does, so beta and gamma keep their meaning for any G."""
@@ -721,7 +728,7 @@ def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims,
         # Eq. (1): the shared group's dims take the group's aggregated posterior; the others keep their own.
         mu_g, logvar_g = (product_posterior if model == "mlvae" else average_posterior)(mu, logvar)
         mu, logvar = torch.where(shared[:, None], mu_g, mu), torch.where(shared[:, None], logvar_g, logvar)
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device)
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device) if eps is None else eps
     z = (mu + eps * (0.5 * logvar).exp()).flatten(0, 1)  # (B*G, L), reparameterised
     rec = reconstruction(vae.decode(z).float(), x.flatten(0, 1)).mean()
     kl = kl_to_prior(mu, logvar).sum(-1).mean()
@@ -950,12 +957,12 @@ def build_parser(suppress_defaults=False):
       help="training steps (one batch of groups each); 300,000 as disentanglement_lib / Locatello et al. 2020")
     a("--batch-size", type=int, default=32, help="groups per step (paper: 32 pairs = 64 images)")
     a("--group-size", type=int, default=2, help="observations per group (paper: pairs)")
-    a("--beta", type=float, default=None,
+    a("--beta", type=_values(float), default=None,
       help="group-tcVAE: weight of TC(z_c, z_\\c), paper grid {10,20,30,40,50,100}, default 10; MLVAE/GVAE: weight "
-           "of the KL, Locatello's grid {1,2,4,6,8,16}, default 1")
-    a("--gamma", type=float, default=None,
+           "of the KL, Locatello's grid {1,2,4,6,8,16}, default 1. A comma-separated list makes a sweep (see --out)")
+    a("--gamma", type=_values(float), default=None,
       help="group-tcVAE: weight of the KL between the members' shared-group posteriors ('lambda' in the paper's "
-           "grid {1,8,16,32,64}), default 8; unused by MLVAE/GVAE")
+           "grid {1,8,16,32,64}), default 8; unused by MLVAE/GVAE. A comma-separated list makes a sweep")
     a("--tc-level", choices=TC_LEVELS, default="inter",
       help="factorisation of q-bar (Sec. 3): inter: q(z_c)q(z_\\c); inter_intra: q(z_c) prod_i q(z_\\c,i); "
            "full: prod_i q(z_i) (FactorVAE)")
@@ -965,12 +972,17 @@ def build_parser(suppress_defaults=False):
            "split)")
     a("--latent-dim", type=int, default=10, help="latent dims L")
     a("--content-dims", type=int, default=5, help="dims of z_c: the last ones of z (z_\\c are the first L - this)")
-    a("--seed", type=int, default=0, help="seed of the data generator and of the model (init, noise, permutations)")
+    a("--seed", type=_values(int), default=0,
+      help="seed of the data generator and of the model (init, noise, permutations). A comma-separated list makes a "
+           "sweep")
     a("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     a("--compile", action="store_true", default=False, help="torch.compile the networks")
     a("--eager", action="store_true", default=False,
       help="on CUDA, run every step eagerly instead of replaying it as one captured CUDA graph (for debugging)")
-    a("--out", default=None, help="run folder (default runs/MODEL-DATASET-seedSEED)")
+    a("--out", default=None,
+      help="run folder (default runs/MODEL-DATASET-seedSEED). A sweep (lists in --seed, --beta, --gamma: every "
+           "combination is a run, all trained together in this process) puts each run in a folder of its own under "
+           "--out (default runs/MODEL-DATASET-sweep), named by its settings")
     a("--eval-samples", type=int, default=10_000,
       help="points for MIG / group-MIG (disentanglement_lib: 10,000); 0: every point of the data set")
     a("--resume", action="store_true", default=False,
@@ -984,6 +996,21 @@ def build_parser(suppress_defaults=False):
     return p
 
 
+def _values(kind):
+    """argparse type of --seed, --beta, --gamma: one value, or a comma-separated list of them (a sweep)."""
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} values separated by commas, got '{text}'")
+        if not values or len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"expected distinct {kind.__name__} values separated by commas, got "
+                                             f"'{text}'")
+        return values
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -992,13 +1019,45 @@ def parse_args(argv=None):
 
 
 def finish_args(args):
-    """Model defaults, default run folder, and checks with messages that name the flag."""
+    """Model defaults, default run folder, and checks with messages that name the flag. Lists in --seed, --beta or
+    --gamma (or --resume on a sweep's folder) make a sweep: args.sweep, with the lists kept for sweep_members()."""
+    if args.resume and args.out is not None and (Path(args.out) / "sweep.json").is_file():
+        for key, value in read_config(Path(args.out) / "sweep.json").items():  # the sweep's flags, unless typed
+            if key not in args.given and key in vars(args) and key not in ("resume", "eval_only", "out", "given"):
+                setattr(args, key, value)
+        args.sweep = True
     beta0, gamma0 = MODEL_DEFAULTS[args.model]
-    args.beta = beta0 if args.beta is None else args.beta
-    args.gamma = gamma0 if args.gamma is None else args.gamma
+    as_list = lambda v, default: [default] if v is None else list(v) if isinstance(v, list) else [v]  # noqa: E731
+    args.seed, args.beta, args.gamma = as_list(args.seed, 0), as_list(args.beta, beta0), as_list(args.gamma, gamma0)
+    args.sweep = getattr(args, "sweep", False) or len(args.seed) * len(args.beta) * len(args.gamma) > 1
+    if args.sweep:
+        if args.out is None:
+            args.out = f"runs/{args.model}-{args.dataset}-sweep"
+        if args.eval_only:
+            raise UserError(f"--eval-only evaluates one run: give --out one of the run folders under {args.out}")
+        return args
+    args.seed, args.beta, args.gamma = args.seed[0], args.beta[0], args.gamma[0]
     if args.out is None:
         args.out = f"runs/{args.model}-{args.dataset}-seed{args.seed}"
     return check_args(args)
+
+
+def run_name(args):
+    """A sweep's run folder, named by what sets the run apart (as run_paper.sh names its runs)."""
+    return (f"{args.model}_beta{args.beta:g}_gamma{args.gamma:g}_gs{args.group_size}_tc-{args.tc_level}_"
+            f"seed{args.seed}")
+
+
+def sweep_members(args):
+    """The runs of a sweep: every combination of its --seed, --beta and --gamma values, each with flags of its own
+    (single values, checked as a run's) and its own folder under the sweep's --out."""
+    members = []
+    for seed, beta, gamma in itertools.product(args.seed, args.beta, args.gamma):
+        m = copy.copy(args)
+        m.seed, m.beta, m.gamma, m.sweep = seed, beta, gamma, False
+        m.out = str(Path(args.out) / run_name(m))
+        members.append(check_args(m))
+    return members
 
 
 # What each flag must hold; a config.json or checkpoint read back is checked against it too.
@@ -1072,71 +1131,144 @@ TERMS = {"group_tcvae": ("loss", "rec", "kl", "tc", "group_kl", "d_loss", "d_acc
          "mlvae": ("loss", "rec", "kl"), "gvae": ("loss", "rec", "kl")}
 
 
-class Run:
-    """Everything a run holds: data, networks, optimisers, generators. Built the same way for training, resuming
-    and evaluating."""
+class Bound:
+    """A module computed with other parameters (torch.func.functional_call): one definition of the networks serves
+    every run of a sweep, each with its slice of the stacked weights. Bound(vae, p).encode(x) runs VAE.encode."""
 
-    def __init__(self, args, device):
-        self.args, self.device = args, device
+    def __init__(self, module, params):
+        self.module, self.params = module, params
+
+    def __call__(self, *args):
+        return torch.func.functional_call(self.module, self.params, args)
+
+    def __getattr__(self, name):
+        attr = getattr(self.module, name)
+        if isinstance(attr, nn.Module):  # a submodule, with its share of the parameters
+            prefix = name + "."
+            return Bound(attr, {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)})
+        if callable(attr):  # a method (encode, decode), run on this Bound
+            return functools.partial(getattr(type(self.module), name), self)
+        return attr
+
+
+def over_runs(f, batched, *args):
+    """f applied to run k's slice (index k of dim 0) of every argument (tensors, or dicts of them), for every run,
+    outputs stacked on dim 0. batched: one torch.func.vmap call, a few large kernels (GPUs); otherwise a loop over
+    the runs (CPUs, where vmap's grouped convolutions are slower than one convolution per run)."""
+    if batched:
+        return torch.func.vmap(f)(*args)
+    take = lambda a, k: {n: t[k] for n, t in a.items()} if isinstance(a, dict) else a[k]  # noqa: E731
+    S = len(args[-1])
+    outs = [f(*(take(a, k) for a in args)) for k in range(S)]
+    return tuple(torch.stack(o) for o in zip(*outs))
+
+
+def stack_params(modules):
+    """S modules of one definition -> {name: (S, ...) leaf tensor}: the weights of S runs as one set."""
+    params = torch.func.stack_module_state(modules)[0]
+    return {n: p.detach().requires_grad_() for n, p in params.items()}
+
+
+class Run:
+    """The runs of one process, trained together: S runs that share model, data set and shapes and differ in seed,
+    beta and gamma (S = 1: an ordinary run). Run k has its own flags and folder (members[k]), its own generators,
+    and its own slice of the stacked weights and optimiser states (Adam is elementwise, so Adam over the stacked
+    weights is each run's own Adam): it computes what it would alone. One step trains all of them."""
+
+    BATCHED = None  # None: vmap the runs on accelerators, loop over them on the CPU; True / False: always
+
+    def __init__(self, members, device):
+        members = members if isinstance(members, (list, tuple)) else [members]
+        self.members, self.args, self.device = list(members), members[0], device
+        args = self.args
         self.data = load_dataset(args.dataset, args.data_dir, device, args.allow_subgrid)
         names = args.content_factors if args.content_factors is not None else self.data.content_factors
         self.content_factors = resolve_factors(names, list(self.data.factor_names))
-        torch.manual_seed(args.seed)  # network initialisation
-        self.vae = VAE(self.data.channels, args.latent_dim).to(device)
-        self.D = Discriminator(args.latent_dim).to(device) if args.model == "group_tcvae" else None
+        vaes, Ds = [], []
+        for m in self.members:
+            torch.manual_seed(m.seed)  # network initialisation, as the run alone would draw it
+            vaes.append(VAE(self.data.channels, args.latent_dim).to(device))
+            Ds.append(Discriminator(args.latent_dim).to(device) if args.model == "group_tcvae" else None)
+        self.vae, self.D = vaes[0], Ds[0]  # the definitions; the weights live in vae_params, d_params
+        self.vae_params = stack_params(vaes)
+        self.d_params = stack_params(Ds) if self.D is not None else {}
         self.use_graph, self.graph, self.warmup_steps = device.type == "cuda" and not args.eager, None, 0
+        self.batched = (device.type != "cpu" and len(self) > 1) if self.BATCHED is None else self.BATCHED
         fused = {"fused": True, "capturable": self.use_graph} if device.type == "cuda" else {}
-        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, **fused)
-        self.d_opt = (torch.optim.Adam(self.D.parameters(), lr=1e-4, betas=(0.5, 0.9), **fused)
+        self.vae_opt = torch.optim.Adam(self.vae_params.values(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, **fused)
+        self.d_opt = (torch.optim.Adam(self.d_params.values(), lr=1e-4, betas=(0.5, 0.9), **fused)
                       if self.D is not None else None)
-        self.data_gen = torch.Generator(device=device).manual_seed(args.seed)  # groups
-        self.model_gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)  # noise, permutations
+        self.data_gens = [torch.Generator(device=device).manual_seed(m.seed) for m in self.members]  # groups
+        self.model_gens = [torch.Generator(device=device).manual_seed(m.seed + 1_000_003)  # noise, permutations
+                           for m in self.members]
+        self.beta = torch.tensor([float(m.beta) for m in self.members], device=device)
+        self.gamma = torch.tensor([float(m.gamma) for m in self.members], device=device)
         self.blocks = tc_blocks(args.tc_level, args.latent_dim, args.content_dims).to(device)
-        self.step, self.train_seconds = 0, 0.0
-        if args.compile:  # in place: the state dict keeps its keys, so checkpoints load either way
+        self.step, self.train_seconds = 0, [0.0] * len(self.members)
+        if args.compile:  # in place: the parameter names stay, so checkpoints load either way
             for module in (self.vae.encoder, self.vae.decoder, self.D):
                 if module is not None:
                     module.compile()
         self.amp = device.type == "cuda"  # bf16 autocast on CUDA; the TC log-ratio stays fp32
 
-    def sample_batch(self):
-        """A fresh batch of groups: x (B, G, C, 64, 64) and shares_content (B,), drawn and rendered on the device."""
-        a = self.args
-        classes, shares_content = sample_groups(self.data.factor_sizes, self.content_factors, a.batch_size,
-                                                a.group_size, self.data_gen)
-        x = self.data.images(classes.flatten(0, 1)).view(a.batch_size, a.group_size, self.data.channels, 64, 64)
-        return x, shares_content
+    def __len__(self):
+        return len(self.members)
 
-    def update(self, x, shares_content):
-        """One optimisation step of the VAE (and of D for group-tcVAE) on a batch -> the list of its terms."""
+    def sample_batch(self):
+        """A fresh batch of groups for every run, from its own generators: x (S, B, G, C, 64, 64), shares_content
+        (S, B), eps (S, B, G, L) and the permutations' noise u (S, B*G, L), drawn in the order the run alone draws
+        them; the images of all runs rendered in one call."""
+        a, (B, G, L) = self.args, (self.args.batch_size, self.args.group_size, self.args.latent_dim)
+        classes, shares, eps, u = [], [], [], []
+        for data_gen, model_gen in zip(self.data_gens, self.model_gens):
+            c, s = sample_groups(self.data.factor_sizes, self.content_factors, B, G, data_gen)
+            classes.append(c)
+            shares.append(s)
+            eps.append(torch.randn((B, G, L), generator=model_gen, device=self.device))
+            if self.D is not None:
+                u.append(torch.rand((B * G, L), generator=model_gen, device=self.device))
+        x = self.data.images(torch.cat(classes).flatten(0, 1)).view(len(self), B, G, self.data.channels, 64, 64)
+        u = torch.stack(u) if u else torch.zeros(len(self), 0, device=self.device)
+        return x, torch.stack(shares), torch.stack(eps), u
+
+    def update(self, x, shares_content, eps, u):
+        """One optimisation step of every run's VAE (and D for group-tcVAE) -> (S, n_terms) tensor of its terms."""
         a = self.args
-        if self.D is not None:
-            self.D.requires_grad_(False)  # the VAE's loss moves the encoder through D, never D itself
+        frozen_d = {n: p.detach() for n, p in self.d_params.items()}  # the VAE's loss moves the encoder through D,
+        # never D itself
+
+        def vae_loss(vae_p, d_p, x, shares, eps, beta, gamma):
+            D = Bound(self.D, d_p) if self.D is not None else None
+            loss, terms, z = group_objective(a.model, Bound(self.vae, vae_p), D, x, shares, beta, gamma,
+                                             a.content_dims, eps=eps)
+            return loss, torch.stack(list(terms.values())), z
+
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-            loss, terms, z = group_objective(a.model, self.vae, self.D, x, shares_content, a.beta, a.gamma,
-                                             a.content_dims, self.model_gen)
+            loss, terms, z = over_runs(vae_loss, self.batched, self.vae_params, frozen_d, x, shares_content, eps,
+                                       self.beta, self.gamma)
         self.vae_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.sum().backward()  # each run's weights get exactly the gradient of its own loss
         self.vae_opt.step()
-        values = [loss, *terms.values()]
+        values = [loss[:, None], terms]
         if self.D is not None:
-            self.D.requires_grad_(True)
-            z_perm = permute_codes(z.detach(), self.blocks, self.model_gen)
+            def d_loss(d_p, z, u):
+                return discriminator_loss(Bound(self.D, d_p), z, permute_codes(z, self.blocks, u=u))
+
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-                d_loss, d_acc = discriminator_loss(self.D, z, z_perm)
+                d_losses, d_acc = over_runs(d_loss, self.batched, self.d_params, z.detach(), u)
             self.d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
+            d_losses.sum().backward()
             self.d_opt.step()
-            values += [d_loss, d_acc]
-        return values
+            values += [d_losses[:, None], d_acc[:, None]]
+        return torch.cat([v.detach().float() for v in values], 1)
 
     def _step_values(self):
-        return torch.stack([v.detach().float() for v in self.update(*self.sample_batch())])
+        return self.update(*self.sample_batch())
 
     def train_step(self):
-        """One step on a fresh batch of groups -> (n_terms,) detached tensor of the step's terms.
-        On CUDA the whole step (sampling, rendering, both updates) is captured once in a CUDA graph after a few
-        eager warm-up steps and replayed: one launch instead of hundreds, the same computation."""
+        """One step of every run on fresh batches -> (S, n_terms) detached tensor of the step's terms.
+        On CUDA the whole step (sampling, rendering, both updates of every run) is captured once in a CUDA graph
+        after a few eager warm-up steps and replayed: one launch instead of hundreds, the same computation."""
         if self.graph is not None:
             self.graph.replay()
             values = self.graph_values.clone()
@@ -1156,7 +1288,7 @@ class Run:
 
     def _capture_and_replay(self):
         graph = torch.cuda.CUDAGraph()
-        for generator in (self.data_gen, self.model_gen):
+        for generator in (*self.data_gens, *self.model_gens):
             graph.register_generator_state(generator)  # each replay draws fresh numbers
         try:
             with torch.cuda.graph(graph):
@@ -1169,46 +1301,84 @@ class Run:
         graph.replay()  # capturing records the step without running it
         return self.graph_values.clone()
 
-    # -- checkpoints ---------------------------------------------------------------------------------------------
-    def state(self, log_sum, log_count):
-        return {"step": self.step, "train_seconds": self.train_seconds, "args": public_args(self.args),
-                "vae": self.vae.state_dict(), "vae_opt": self.vae_opt.state_dict(),
-                "D": self.D.state_dict() if self.D is not None else None,
-                "d_opt": self.d_opt.state_dict() if self.d_opt is not None else None,
-                "data_gen": self.data_gen.get_state(), "model_gen": self.model_gen.get_state(),
+    # -- one run's share: its networks, and its checkpoint in the format of a run alone -------------------------
+    def view(self, k):
+        """Run k alone, as evaluation and the figures see a run: its flags, its step, and its VAE as a module of
+        its own holding a copy of its weights."""
+        vae = VAE(self.data.channels, self.args.latent_dim).to(self.device)
+        vae.load_state_dict({n: p[k].detach() for n, p in self.vae_params.items()})
+        return types.SimpleNamespace(args=self.members[k], vae=vae, data=self.data, device=self.device, step=self.step,
+                                     content_factors=self.content_factors, train_seconds=self.train_seconds[k])
+
+    def state(self, k, log_sum, log_count):
+        """Run k's checkpoint: the same keys, shapes and optimiser state a run alone saves."""
+        return {"step": self.step, "train_seconds": self.train_seconds[k], "args": public_args(self.members[k]),
+                "vae": {n: p[k].detach().clone() for n, p in self.vae_params.items()},
+                "vae_opt": _optimizer_slice(self.vae_opt, k),
+                "D": {n: p[k].detach().clone() for n, p in self.d_params.items()} if self.D is not None else None,
+                "d_opt": _optimizer_slice(self.d_opt, k) if self.D is not None else None,
+                "data_gen": self.data_gens[k].get_state(), "model_gen": self.model_gens[k].get_state(),
                 "torch_rng": torch.get_rng_state(), "log_sum": log_sum, "log_count": log_count}
 
-    def save(self, path, log_sum, log_count):
-        state = self.state(log_sum, log_count)  # tensors and plain types only: it loads with weights_only=True
+    def save(self, k, path, log_sum, log_count):
+        state = self.state(k, log_sum, log_count)  # tensors and plain types only: it loads with weights_only=True
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
-    def load(self, checkpoint, path="checkpoint"):
+    def load(self, checkpoints, paths):
+        """Each run's checkpoint (None: a run starting at step 0) into its slice. Runs resumed together must stand
+        at the same step (their Adam step counts are one)."""
+        loaded = [(k, c) for k, c in enumerate(checkpoints) if c is not None]
+        if not loaded:
+            return
+        steps = {c["step"] for _, c in loaded}
+        if len(steps) != 1 or len(loaded) != len(self):
+            raise UserError(f"runs trained together must stand at one step; these stand at {sorted(steps)}"
+                            + ("" if len(loaded) == len(self) else " and 0"))
+        k = 0
         try:
-            self._load(checkpoint)
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as error:
-            raise UserError(f"the checkpoint {path} does not fit the run its flags describe "
+            for k, c in loaded:
+                with torch.no_grad():
+                    for name, p in self.vae_params.items():
+                        p[k].copy_(c["vae"][name])
+                    for name, p in self.d_params.items():
+                        p[k].copy_(c["D"][name])
+                try:
+                    self.data_gens[k].set_state(c["data_gen"])
+                    self.model_gens[k].set_state(c["model_gen"])
+                except RuntimeError:  # saved on another kind of device: its generator states do not fit these
+                    print(f"note: the checkpoint's generators belong to another device; continuing with generators "
+                          f"seeded from --seed and step {c['step']}", file=sys.stderr)
+                    self.data_gens[k].manual_seed(self.members[k].seed + 2 * c["step"])
+                    self.model_gens[k].manual_seed(self.members[k].seed + 2 * c["step"] + 1)
+                self.train_seconds[k] = c["train_seconds"]
+            _optimizer_stack(self.vae_opt, [c["vae_opt"] for _, c in loaded])
+            if self.D is not None:
+                _optimizer_stack(self.d_opt, [c["d_opt"] for _, c in loaded])
+            torch.set_rng_state(loaded[0][1]["torch_rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as error:
+            raise UserError(f"the checkpoint {paths[k]} does not fit the run its flags describe "
                             f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+        self.step = steps.pop()
 
-    def _load(self, checkpoint):
-        self.vae.load_state_dict(checkpoint["vae"])
-        self.vae_opt.load_state_dict(checkpoint["vae_opt"])
-        if self.D is not None:
-            self.D.load_state_dict(checkpoint["D"])
-            self.d_opt.load_state_dict(checkpoint["d_opt"])
-        try:
-            self.data_gen.set_state(checkpoint["data_gen"])
-            self.model_gen.set_state(checkpoint["model_gen"])
-        except RuntimeError:  # saved on another kind of device: its generator states do not fit these
-            print(f"note: the checkpoint's generators belong to another device; continuing with generators "
-                  f"seeded from --seed and step {checkpoint['step']}", file=sys.stderr)
-            self.data_gen.manual_seed(self.args.seed + 2 * checkpoint["step"])
-            self.model_gen.manual_seed(self.args.seed + 2 * checkpoint["step"] + 1)
-        torch.set_rng_state(checkpoint["torch_rng"])
-        self.step, self.train_seconds = checkpoint["step"], checkpoint["train_seconds"]
+
+def _optimizer_slice(opt, k):
+    """Run k's share of an Adam over stacked weights, as the state_dict of an Adam over its own weights."""
+    sd = opt.state_dict()
+    state = {i: {n: (v if n == "step" else v[k]).detach().clone() for n, v in s.items()}
+             for i, s in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _optimizer_stack(opt, state_dicts):
+    """The inverse: the Adam states of S runs (one step count) into the Adam over their stacked weights."""
+    first = state_dicts[0]
+    state = {i: {n: (v if n == "step" else torch.stack([sd["state"][i][n] for sd in state_dicts]))
+                 for n, v in s.items()} for i, s in first["state"].items()}
+    opt.load_state_dict({"state": state, "param_groups": first["param_groups"]})
 
 
 def public_args(args):
-    return {k: v for k, v in vars(args).items() if k not in ("given",)}
+    return {k: v for k, v in vars(args).items() if k not in ("given", "sweep")}
 
 
 class StopRequest:
@@ -1233,7 +1403,7 @@ def load_checkpoint(path):
     never runs code from it."""
     try:
         # On the CPU: generator states must stay CPU byte tensors; load_state_dict moves the rest to the device.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: read when used
     except Exception as error:
         raise UserError(f"could not read the checkpoint {path} ({type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
@@ -1254,15 +1424,14 @@ def read_config(path):
     return saved
 
 
-def train(args):
-    """Train one run into args.out (held by this process); returns the Run (None: finished before). Writes
-    config.json, log.csv, checkpoint.pt. The folder's config.json defines its run: --resume continues it from its
+def prepare_run(args):
+    """Read what args.out already holds, for a run about to train there -> its checkpoint (None: from step 0), or
+    False when the run is finished. The folder's config.json defines its run: --resume continues it from its
     checkpoint, or restarts it from step 0 when it died before its first checkpoint."""
     out = Path(args.out)
-    ckpt_path, config_path, log_path = out / "checkpoint.pt", out / "config.json", out / "log.csv"
+    ckpt_path, config_path = out / "checkpoint.pt", out / "config.json"
     checkpoint = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
-    holds_run = ckpt_path.exists() or config_path.exists() or (out / "metrics.json").exists()
-    if not args.resume and holds_run:
+    if not args.resume and (ckpt_path.exists() or config_path.exists() or (out / "metrics.json").exists()):
         raise UserError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
     if checkpoint is not None:
         merge_saved_args(args, checkpoint["args"], ckpt_path)  # the saved --device too, unless typed anew
@@ -1272,75 +1441,138 @@ def train(args):
         if args.steps == checkpoint["step"] and (out / "metrics.json").exists():
             print(f"{out} is finished ({args.steps:,} steps, evaluated); nothing to do. --eval-only evaluates it "
                   "again", file=sys.stderr)
-            return None
+            return False
     elif args.resume and config_path.exists():
         merge_saved_args(args, read_config(config_path), config_path)
         print(f"{out} has no checkpoint (its run stopped before the first one): restarting the run its config.json "
               "defines from step 0", file=sys.stderr)
-    device = resolve_device(args.device)
-    run = Run(args, device)
-    names = TERMS[args.model]
-    log_sum, log_count = torch.zeros(len(names), device=device), 0
-    if checkpoint is not None:
-        run.load(checkpoint, ckpt_path)
-        log_sum, log_count = checkpoint["log_sum"].to(device), checkpoint["log_count"]
-        print(f"resuming {out} at step {run.step:,}", file=sys.stderr)
-    write_text_atomic(config_path, json.dumps(public_args(args), indent=2) + "\n")
-    rows = read_log(log_path) if log_path.exists() and checkpoint is not None else []
-    rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= run.step]  # after the checkpoint:
-    # dropped (and so is a row cut short by a crash)
+    return checkpoint
 
-    def write_log(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["step", *names, "ms_per_step"])
-            writer.writerows([[r["step"], *[r[n] for n in names], r["ms_per_step"]] for r in rows])
-    write_atomic(log_path, write_log)
+
+class RunLog:
+    """A run's log.csv (one row every --log-every steps) and, in a sweep, its own copy of the progress lines
+    (train.log), since the terminal shows the sweep's."""
+
+    def __init__(self, args, names, step, sweep):
+        self.out, self.names, self.sweep = Path(args.out), names, sweep
+        path = self.out / "log.csv"
+        rows = read_log(path) if path.exists() and step > 0 else []
+        rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]  # rows after the
+        # checkpoint are dropped (and so is a row a crash cut short)
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["step", *names, "ms_per_step"])
+                writer.writerows([[r["step"], *[r[n] for n in names], r["ms_per_step"]] for r in rows])
+        write_atomic(path, write)
+
+    def row(self, step, means, ms):
+        with open(self.out / "log.csv", "a", newline="") as f:
+            csv.writer(f).writerow([step, *[f"{v:.6g}" for v in means], f"{ms:.2f}"])
+
+    def say(self, line):
+        if self.sweep:
+            with open(self.out / "train.log", "a") as f:
+                f.write(line + "\n")
+
+
+def progress_line(step, total, names, means, ms):
+    eta = ms * (total - step) / 1000
+    return (f"step {step:>{len(str(total))}}/{total}  " + "  ".join(f"{n} {v:.4g}" for n, v in zip(names, means)) +
+            f"  {ms:.1f} ms/step  ETA {format_seconds(eta)}")
+
+
+def train(members):
+    """Train a set of runs together (one: an ordinary run), each into its own folder (held by this process).
+    Returns (Run, the indices of the runs that trained to the end), or None when every run was finished before.
+    Writes each run's config.json, log.csv and checkpoint.pt; a run whose loss goes NaN stops alone."""
+    members = members if isinstance(members, list) else [members]
+    checkpoints = [prepare_run(m) for m in members]
+    members = [m for m, c in zip(members, checkpoints) if c is not False]
+    checkpoints = [c for c in checkpoints if c is not False]
+    if not members:
+        return None
+    a, S, sweep = members[0], len(members), len(members) > 1
+    device = resolve_device(a.device)
+    run = Run(members, device)
+    names = TERMS[a.model]
+    log_sum, log_count = torch.zeros(S, len(names), device=device), 0
+    ckpt_paths = [Path(m.out) / "checkpoint.pt" for m in members]
+    if any(c is not None for c in checkpoints):
+        run.load(checkpoints, ckpt_paths)
+        log_sum = torch.stack([c["log_sum"] for c in checkpoints]).to(device)
+        log_count = checkpoints[0]["log_count"]
+        print(f"resuming {a.out if not sweep else f'{S} runs'} at step {run.step:,}", file=sys.stderr)
+    logs = []
+    for m in members:
+        write_text_atomic(Path(m.out) / "config.json", json.dumps(public_args(m), indent=2) + "\n")
+        logs.append(RunLog(m, names, run.step, sweep))
+    alive = list(range(S))
 
     stop = StopRequest()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    print(f"training {args.model} on {run.data.name} ({device}): {args.steps:,} steps of {args.batch_size} groups "
-          f"of {args.group_size}, beta {args.beta:g}" + (f", gamma {args.gamma:g}, TC level {args.tc_level}"
-                                                           if args.model == "group_tcvae" else ""), file=sys.stderr)
+    what = (f"{S} runs (seed {', '.join(sorted({f'{m.seed}' for m in members}, key=int))}; beta "
+            f"{', '.join(sorted({f'{m.beta:g}' for m in members}, key=float))}" +
+            (f"; gamma {', '.join(sorted({f'{m.gamma:g}' for m in members}, key=float))}"
+             if a.model == "group_tcvae" else "") + ")" if sweep else
+            f"beta {a.beta:g}" + (f", gamma {a.gamma:g}" if a.model == "group_tcvae" else ""))
+    print(f"training {a.model} on {run.data.name} ({device}): {a.steps:,} steps of {a.batch_size} groups of "
+          f"{a.group_size}, {what}" + (f", TC level {a.tc_level}" if a.model == "group_tcvae" else ""),
+          file=sys.stderr)
     last_step, last_time = run.step, time.perf_counter()
     try:
-        while run.step < args.steps and not stop.requested:
+        while run.step < a.steps and not stop.requested and alive:
             log_sum += run.train_step()
             log_count += 1
-            at_log, at_ckpt = run.step % args.log_every == 0 or run.step == args.steps, \
-                run.step % args.checkpoint_every == 0
+            at_log, at_ckpt = run.step % a.log_every == 0 or run.step == a.steps, run.step % a.checkpoint_every == 0
             if not (at_log or at_ckpt):
                 continue
             means = (log_sum / max(log_count, 1)).tolist()  # the one host sync, every log / checkpoint step
             now = time.perf_counter()
-            run.train_seconds += now - last_time
-            if not all(math.isfinite(v) for v in means):
-                raise UserError(f"the loss became NaN or infinite between steps {last_step:,} and {run.step:,} "
-                                f"({dict(zip(names, means))}); stopped. The last good checkpoint is kept at "
-                                f"{ckpt_path if ckpt_path.exists() else '(none written yet)'}")
+            for k in alive:
+                run.train_seconds[k] += now - last_time
+            for k in list(alive):
+                if all(math.isfinite(v) for v in means[k]):
+                    continue
+                message = (f"the loss became NaN or infinite between steps {last_step:,} and {run.step:,} "
+                           f"({dict(zip(names, means[k]))}); stopped. The last good checkpoint is kept at "
+                           f"{ckpt_paths[k] if ckpt_paths[k].exists() else '(none written yet)'}")
+                if not sweep:
+                    raise UserError(message)
+                logs[k].say(message)
+                print(f"{members[k].out}: {message}; the other runs go on", file=sys.stderr)
+                alive.remove(k)
+            ms = 1000 * (now - last_time) / max(run.step - last_step, 1)
             if at_log:
-                ms = 1000 * (now - last_time) / max(run.step - last_step, 1)
-                with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow([run.step, *[f"{v:.6g}" for v in means], f"{ms:.2f}"])
-                eta = ms * (args.steps - run.step) / 1000
-                print(f"step {run.step:>{len(str(args.steps))}}/{args.steps}  " +
-                      "  ".join(f"{n} {v:.4g}" for n, v in zip(names, means)) +
-                      f"  {ms:.1f} ms/step  ETA {format_seconds(eta)}", file=sys.stderr)
+                for k in alive:
+                    logs[k].row(run.step, means[k], ms)
+                    logs[k].say(progress_line(run.step, a.steps, names, means[k], ms))
+                if not sweep:
+                    print(progress_line(run.step, a.steps, names, means[0], ms), file=sys.stderr)
+                elif alive:
+                    loss = np.array([means[k][0] for k in alive])
+                    print(progress_line(run.step, a.steps, [f"{len(alive)}/{S} runs, loss min", "median", "max"],
+                                        [loss.min(), np.median(loss), loss.max()], ms), file=sys.stderr)
                 log_sum, log_count = torch.zeros_like(log_sum), 0
-            if at_ckpt or run.step == args.steps:
-                run.save(ckpt_path, log_sum, log_count)
+            if at_ckpt or run.step == a.steps:
+                for k in alive:
+                    run.save(k, ckpt_paths[k], log_sum[k], log_count)
             last_step, last_time = run.step, time.perf_counter()
-        run.train_seconds += time.perf_counter() - last_time
+        for k in alive:
+            run.train_seconds[k] += time.perf_counter() - last_time
         if stop.requested:
-            if torch.isfinite(log_sum).all():
-                run.save(ckpt_path, log_sum, log_count)
-                print(f"stopped at step {run.step:,}; checkpoint written to {ckpt_path}. "
-                      f"Continue with: python grouptc.py --resume --out {out}", file=sys.stderr)
+            for k in alive:
+                if torch.isfinite(log_sum[k]).all():
+                    run.save(k, ckpt_paths[k], log_sum[k], log_count)
+            where = a.out if not sweep else Path(a.out).parent
+            print(f"stopped at step {run.step:,}; checkpoint{'s' if sweep else ''} written. Continue with: "
+                  f"python grouptc.py --resume --out {where}", file=sys.stderr)
             raise SystemExit(130)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return run
+    return run, alive
 
 
 def merge_saved_args(args, saved, path):
@@ -1553,14 +1785,48 @@ def evaluate_and_plot(run, out, n_samples):
     return metrics
 
 
+def train_sweep(args):
+    """A sweep: its runs trained together, then each evaluated into its own folder. The sweep's folder holds
+    sweep.json (its flags: --resume on it continues every unfinished run) and a folder per run, each a run in its
+    own right (--resume, --eval-only, --summarize work on it alone). Runs that stand at different steps (one was
+    resumed alone, say) train in turn, each set together. Returns the exit status: 2 if a run's loss went NaN."""
+    out = Path(args.out)
+    if not args.resume and (out / "sweep.json").exists():
+        raise UserError(f"--out {out} already holds a sweep; pass --resume to continue it, or choose another --out")
+    members = sweep_members(args)
+    with contextlib.ExitStack() as held:
+        held.enter_context(RunFolderLock(out))
+        for m in members:
+            held.enter_context(RunFolderLock(m.out))
+        flags = public_args(args) | {"resume": False}
+        write_text_atomic(out / "sweep.json", json.dumps(flags, indent=2) + "\n")
+        steps = {}
+        for m in members:  # set apart by the step each stands at (what is finished or fresh is sorted by train())
+            ckpt = Path(m.out) / "checkpoint.pt"
+            steps.setdefault(load_checkpoint(ckpt)["step"] if args.resume and ckpt.exists() else 0, []).append(m)
+        failed = 0
+        for step in sorted(steps):
+            trained = train(steps[step])
+            if trained is None:
+                continue
+            run, alive = trained
+            failed += len(run) - len(alive)
+            for k in alive:
+                evaluate_and_plot(run.view(k), run.members[k].out, args.eval_samples)
+    if failed:
+        print(f"{failed} of {len(members)} runs stopped on a NaN or infinite loss (see their train.log)",
+              file=sys.stderr)
+    return 2 if failed else 0
+
+
 def eval_only(args):
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
     checkpoint = load_checkpoint(ckpt_path)
     merge_saved_args(args, checkpoint["args"], ckpt_path)
-    run = Run(args, resolve_device(args.device))
-    run.load(checkpoint, ckpt_path)
-    return evaluate_and_plot(run, out, args.eval_samples)
+    run = Run([args], resolve_device(args.device))
+    run.load([checkpoint], [ckpt_path])
+    return evaluate_and_plot(run.view(0), out, args.eval_samples)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1759,13 +2025,15 @@ def main(argv=None):
         if args.eval_only and not (Path(args.out) / "checkpoint.pt").is_file():
             raise UserError(f"--eval-only: no checkpoint.pt in {args.out}; give --out the folder of a trained run")
         try:
+            if args.sweep:
+                return train_sweep(args)
             with RunFolderLock(args.out):  # one process writes a run folder at a time
                 if args.eval_only:
                     eval_only(args)
                     return 0
-                run = train(args)
-                if run is not None:
-                    evaluate_and_plot(run, args.out, args.eval_samples)
+                trained = train([args])
+                if trained is not None:
+                    evaluate_and_plot(trained[0].view(0), args.out, args.eval_samples)
             return 0
         except KeyboardInterrupt:
             print(f"\ninterrupted; the files in {args.out} are whole (each is written at once or not at all). "

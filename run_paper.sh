@@ -52,6 +52,7 @@ BATCH_SIZE=${BATCH_SIZE-32}
 TCVAE_BETAS=(${TCVAE_BETAS-10 20 30 40 50 100})
 TCVAE_GAMMAS=(${TCVAE_GAMMAS-1 8 16 32 64})
 TCVAE_SETTINGS=(${TCVAE_SETTINGS:-})  # "BETA:GAMMA ..." pairs instead of the product TCVAE_BETAS x TCVAE_GAMMAS
+TCVAE_PAIRS=${TCVAE_SETTINGS[*]:+1}
 BASE_BETAS=(${BASE_BETAS-1 2 4 6 8 16})
 GROUP_SIZES=(${GROUP_SIZES-2 3 5 10})
 TC_LEVELS=(${TC_LEVELS-inter inter_intra full})
@@ -63,13 +64,26 @@ LOG_EVERY=${LOG_EVERY-500}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY-5000}
 GPUS=(${GPUS:-})
 JOBS=${JOBS-1}
+# Runs trained together in one process (a sweep). Default: 1 (one run a process) unless GPUS is given; then as
+# many as the smallest listed GPU holds at MIB_PER_RUN each, at most 64. MIB_PER_RUN (256) is an estimate: a
+# group-tcVAE run's weights, gradients and Adam states take 91 MiB (5.7 M parameters), its activations at 32 pairs
+# a few tens more. Under SLURM set it explicitly, the same where you count entries and where the tasks run.
+MIB_PER_RUN=${MIB_PER_RUN-256}
+if [ -z "${SWEEP_SIZE:-}" ]; then
+  SWEEP_SIZE=1
+  if [ ${#GPUS[@]} -gt 0 ] && command -v nvidia-smi >/dev/null; then
+    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i "$(IFS=,; echo "${GPUS[*]}")" |
+          sort -n | head -n 1)
+    SWEEP_SIZE=$(( mib / MIB_PER_RUN )); [ "$SWEEP_SIZE" -le 64 ] || SWEEP_SIZE=64; [ "$SWEEP_SIZE" -ge 1 ] || SWEEP_SIZE=1
+  fi
+fi
 
 # Check every setting before anything runs.
 for v in DATASETS SEEDS TCVAE_BETAS TCVAE_GAMMAS BASE_BETAS GROUP_SIZES TC_LEVELS; do
   eval "n=\${#$v[@]}"
   [ "$n" -gt 0 ] || die "$v is set but empty; unset it for the paper's values, or list some"
 done
-for v in STEPS BATCH_SIZE JOBS LOG_EVERY CHECKPOINT_EVERY; do
+for v in STEPS BATCH_SIZE JOBS LOG_EVERY CHECKPOINT_EVERY SWEEP_SIZE; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, got '${!v}'"
 done
 [[ $EVAL_SAMPLES =~ ^[0-9]+$ ]] || die "EVAL_SAMPLES must be a whole number (0: every point), got '$EVAL_SAMPLES'"
@@ -100,30 +114,73 @@ content_factors() {
 }
 for d in "${DATASETS[@]}"; do content_factors "$d" >/dev/null; done
 
-CMDS=()
-OUTS=()
-add() {  # add DATASET MODEL BETA GAMMA GROUP_SIZE TC_LEVEL SEED
-  local d=$1 m=$2 b=$3 g=$4 gs=$5 tc=$6 s=$7
-  local out="$RUNS_DIR/$d/${m}_beta${b}_gamma${g}_gs${gs}_tc-${tc}_seed${s}"
-  local o
-  for o in "${OUTS[@]:+${OUTS[@]}}"; do [ "$o" = "$out" ] && return 0; done  # listed already
+# Numbers as the program prints them in folder names (10.0 -> 10), so that finished runs are recognised.
+for v in TCVAE_BETAS TCVAE_GAMMAS BASE_BETAS; do eval "$v=(\$(printf '%g ' \"\${$v[@]}\"))"; done
+ABLATION_BETA=$(printf '%g' "$ABLATION_BETA"); ABLATION_GAMMA=$(printf '%g' "$ABLATION_GAMMA")
+TCVAE_SETTINGS=($(for bg in "${TCVAE_SETTINGS[@]:+${TCVAE_SETTINGS[@]}}"; do
+  printf '%g:%g ' "${bg%%:*}" "${bg##*:}"; done))
+
+CMDS=()     # one command per process: a run, or a sweep of runs trained together
+OUTS=()     # its folder (a run's, or the sweep's), where its stdout.log goes
+MEMBERS=()  # the run folders it trains, to tell when it is finished
+LISTED=" "  # every run listed so far, as DATASET/NAME
+add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS": one process for their product
+  local d=$1 m=$2 gs=$3 tc=$4 betas=$5 gammas=$6 seeds=$7 b g s name names=() fresh=0 out members=""
+  for s in $seeds; do for b in $betas; do for g in $gammas; do
+    name="${m}_beta${b}_gamma${g}_gs${gs}_tc-${tc}_seed${s}"
+    [[ $LISTED == *" $d/$name "* ]] || fresh=1
+    LISTED+="$d/$name "
+    names+=("$name")
+  done; done; done
+  [ "$fresh" = 1 ] || return 0  # every run of it is listed already
+  if [ ${#names[@]} -eq 1 ]; then
+    out="$RUNS_DIR/$d/${names[0]}"
+    members=$out
+  else
+    out="$RUNS_DIR/$d/sweep_${m}_gs${gs}_tc-${tc}_beta${betas// /-}_gamma${gammas// /-}_seed${seeds// /-}"
+    for name in "${names[@]}"; do members+="$out/$name "; done
+  fi
   OUTS+=("$out")
+  MEMBERS+=("$members")
   CMDS+=("$PYTHON grouptc.py --model $m --dataset $d --data-dir $DATA_DIR --steps $STEPS --batch-size $BATCH_SIZE \
---group-size $gs --beta $b --gamma $g --tc-level $tc --content-factors $(content_factors "$d") --latent-dim 10 \
---content-dims 5 --seed $s --device $DEVICE --eval-samples $EVAL_SAMPLES --log-every $LOG_EVERY \
---checkpoint-every $CHECKPOINT_EVERY --out $out --resume")
+--group-size $gs --beta ${betas// /,} --gamma ${gammas// /,} --tc-level $tc --content-factors $(content_factors "$d") \
+--latent-dim 10 --content-dims 5 --seed ${seeds// /,} --device $DEVICE --eval-samples $EVAL_SAMPLES \
+--log-every $LOG_EVERY --checkpoint-every $CHECKPOINT_EVERY --out $out --resume")
+}
+emit() {  # emit DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS": their runs, SWEEP_SIZE at most a process
+  local betas=($5) gammas=($6) seeds=($7) i j k s b
+  local per=$(( ${#betas[@]} * ${#gammas[@]} ))
+  if [ "$per" -le "$SWEEP_SIZE" ]; then  # every setting, as many seeds as fit
+    k=$(( SWEEP_SIZE / per ))
+    for ((i = 0; i < ${#seeds[@]}; i += k)); do add "$1" "$2" "$3" "$4" "$5" "$6" "${seeds[*]:i:k}"; done
+  elif [ "${#gammas[@]}" -le "$SWEEP_SIZE" ]; then  # one seed, as many betas as fit
+    k=$(( SWEEP_SIZE / ${#gammas[@]} ))
+    for s in "${seeds[@]}"; do
+      for ((i = 0; i < ${#betas[@]}; i += k)); do add "$1" "$2" "$3" "$4" "${betas[*]:i:k}" "$6" "$s"; done
+    done
+  else  # one seed and one beta, gammas in chunks
+    for s in "${seeds[@]}"; do for b in "${betas[@]}"; do
+      for ((j = 0; j < ${#gammas[@]}; j += SWEEP_SIZE)); do
+        add "$1" "$2" "$3" "$4" "$b" "${gammas[*]:j:SWEEP_SIZE}" "$s"
+      done
+    done; done
+  fi
 }
 
-if [ ${#TCVAE_SETTINGS[@]} -eq 0 ]; then
-  for b in "${TCVAE_BETAS[@]}"; do for g in "${TCVAE_GAMMAS[@]}"; do TCVAE_SETTINGS+=("$b:$g"); done; done
-fi
-
 for d in "${DATASETS[@]}"; do
-  for s in "${SEEDS[@]}"; do
-    for bg in "${TCVAE_SETTINGS[@]}"; do add "$d" group_tcvae "${bg%%:*}" "${bg##*:}" 2 inter "$s"; done
-    for m in mlvae gvae; do for b in "${BASE_BETAS[@]}"; do add "$d" "$m" "$b" 0 2 inter "$s"; done; done
-    for m in mlvae gvae; do for gs in "${GROUP_SIZES[@]}"; do add "$d" "$m" "${BASE_BETAS[0]}" 0 "$gs" inter "$s"; done; done
-    for tc in "${TC_LEVELS[@]}"; do add "$d" group_tcvae "$ABLATION_BETA" "$ABLATION_GAMMA" 2 "$tc" "$s"; done
+  # One run a process (SWEEP_SIZE=1): seed by seed, so that the first seeds of every setting finish first.
+  if [ "$SWEEP_SIZE" -eq 1 ]; then seed_sets=("${SEEDS[@]}"); else seed_sets=("${SEEDS[*]}"); fi
+  for seeds in "${seed_sets[@]}"; do
+    if [ -n "$TCVAE_PAIRS" ]; then  # the listed (beta, gamma) pairs, each over the seeds
+      for bg in "${TCVAE_SETTINGS[@]}"; do emit "$d" group_tcvae 2 inter "${bg%%:*}" "${bg##*:}" "$seeds"; done
+    else
+      emit "$d" group_tcvae 2 inter "${TCVAE_BETAS[*]}" "${TCVAE_GAMMAS[*]}" "$seeds"
+    fi
+    for m in mlvae gvae; do emit "$d" "$m" 2 inter "${BASE_BETAS[*]}" 0 "$seeds"; done
+    for m in mlvae gvae; do for gs in "${GROUP_SIZES[@]}"; do
+      emit "$d" "$m" "$gs" inter "${BASE_BETAS[0]}" 0 "$seeds"
+    done; done
+    for tc in "${TC_LEVELS[@]}"; do emit "$d" group_tcvae 2 "$tc" "$ABLATION_BETA" "$ABLATION_GAMMA" "$seeds"; done
   done
 done
 
@@ -136,9 +193,14 @@ if [ -n "${COUNT:-}" ]; then
   exit 0
 fi
 
+finished() {  # finished INDEX: every run of entry INDEX has its metrics.json
+  local m
+  for m in ${MEMBERS[$1]}; do [ -f "$m/metrics.json" ] || return 1; done
+}
+
 run_entry() {  # run_entry INDEX ENV_PREFIX: run entry INDEX unless it is finished or another process holds it
   local out=${OUTS[$1]} rc=0
-  [ -f "$out/metrics.json" ] && return 0
+  finished "$1" && return 0
   mkdir -p "$out"
   echo "[$(date +%H:%M:%S)] start $out" >&2
   env $2 bash -c "${CMDS[$1]}" >>"$out/stdout.log" 2>&1 || rc=$?
@@ -163,7 +225,7 @@ worker() {  # worker ENV_PREFIX: every entry in turn; a held or finished one is 
   for i in "${!CMDS[@]}"; do run_entry "$i" "$1" || true; done
 }
 
-echo "run_paper.sh: ${#CMDS[@]} runs in $RUNS_DIR" >&2
+echo "run_paper.sh: $(wc -w <<<"${MEMBERS[*]}") runs in ${#CMDS[@]} processes, in $RUNS_DIR" >&2
 mkdir -p "$RUNS_DIR"
 if [ ${#GPUS[@]} -gt 0 ]; then
   for gpu in "${GPUS[@]}"; do worker "CUDA_VISIBLE_DEVICES=$gpu" & done
@@ -173,9 +235,9 @@ else
 fi
 wait
 left=0
-for out in "${OUTS[@]}"; do [ -f "$out/metrics.json" ] || left=$((left + 1)); done
+for i in "${!CMDS[@]}"; do finished "$i" || left=$((left + 1)); done
 if [ "$left" -gt 0 ]; then
-  echo "run_paper.sh: $left of ${#CMDS[@]} runs are not finished (failed, or still training in another process);" \
+  echo "run_paper.sh: $left of ${#CMDS[@]} processes are not finished (failed, or still training in another process);" \
     "no summary yet. Run this script again, or when all are done: $PYTHON grouptc.py --summarize $RUNS_DIR" >&2
   exit 1
 fi

@@ -2,6 +2,7 @@
 CLI. Run: python -m pytest -q test_grouptc.py"""
 
 import argparse
+import contextlib
 import csv
 import errno
 import hashlib
@@ -370,27 +371,27 @@ def test_discriminator_update_leaves_the_encoder_gradients_untouched(tmp_path):
     for _ in range(3):  # several full steps: no in-place autograd error (a known failure of FactorVAE ports)
         run.train_step()
     a = run.args
-    classes, shares = gt.sample_groups(run.data.factor_sizes, run.content_factors, 4, 2, run.data_gen)
-    x = run.data.images(classes.flatten(0, 1)).view(4, 2, 1, 64, 64)
-    run.d_opt.zero_grad(set_to_none=True)
-    run.D.requires_grad_(False)
-    loss, terms, z = gt.group_objective("group_tcvae", run.vae, run.D, x, shares, a.beta, a.gamma, a.content_dims)
+    x, shares, eps, u = run.sample_batch()
+    vae_p = {n: p[0] for n, p in run.vae_params.items()}  # the run's slice, as update() passes it
+    frozen = {n: p[0].detach() for n, p in run.d_params.items()}
+    loss, terms, z = gt.group_objective("group_tcvae", gt.Bound(run.vae, vae_p), gt.Bound(run.D, frozen), x[0],
+                                        shares[0], a.beta, a.gamma, a.content_dims, eps=eps[0])
     run.vae_opt.zero_grad()
+    run.d_opt.zero_grad(set_to_none=True)
     loss.backward()
-    assert all(p.grad is None for p in run.D.parameters())  # the VAE's loss does not train D
-    before = [p.grad.clone() for p in run.vae.parameters()]
-    run.D.requires_grad_(True)
-    d_loss, _ = gt.discriminator_loss(run.D, z, gt.permute_codes(z.detach(), run.blocks))
-    run.d_opt.zero_grad()
+    assert all(p.grad is None for p in run.d_params.values())  # the VAE's loss does not train D
+    before = [p.grad.clone() for p in run.vae_params.values()]
+    d_p = {n: p[0] for n, p in run.d_params.items()}
+    d_loss, _ = gt.discriminator_loss(gt.Bound(run.D, d_p), z, gt.permute_codes(z.detach(), run.blocks, u=u[0]))
     d_loss.backward()
     run.d_opt.step()
-    assert all(torch.equal(b, p.grad) for b, p in zip(before, run.vae.parameters()))
-    assert all(p.grad is not None for p in run.D.parameters())
+    assert all(torch.equal(b, p.grad) for b, p in zip(before, run.vae_params.values()))
+    assert all(p.grad is not None for p in run.d_params.values())
 
 
 def test_objectives_assemble_their_terms(tmp_path):
     run = tiny_run(tmp_path, "--beta", "3", "--gamma", "5")
-    classes, shares = gt.sample_groups(run.data.factor_sizes, run.content_factors, 4, 2, run.data_gen)
+    classes, shares = gt.sample_groups(run.data.factor_sizes, run.content_factors, 4, 2, run.data_gens[0])
     x = run.data.images(classes.flatten(0, 1)).view(4, 2, 1, 64, 64)
     for model in gt.MODELS:
         loss, terms, z = gt.group_objective(model, run.vae, run.D, x, shares, 3.0, 5.0, 5,
@@ -659,7 +660,7 @@ def test_eval_only_re_evaluates_a_saved_run(tmp_path):
 def test_evaluation_on_every_point_uses_the_whole_grid(tmp_path, monkeypatch):
     run = tiny_run(tmp_path, model="gvae")
     monkeypatch.setattr(type(run.data), "factor_sizes", (3, 2, 2, 4, 3))  # a small grid: 144 points
-    metrics, codes = gt.evaluate(run, 0)
+    metrics, codes = gt.evaluate(run.view(0), 0)
     assert metrics["eval_samples"] == 144 and codes.shape == (144, 10)
 
 
@@ -680,6 +681,18 @@ def test_run_paper_dry_run_lists_the_whole_grid():
     for line in out[:3]:  # every flag explicit, and each line parses
         args = gt.parse_args(line.split()[2:])
         assert len(args.given) >= 18
+    runs = {str(Path(gt.finish_args(gt.parse_args(line.split()[2:])).out)) for line in out}
+    for size, processes in ((32, 30), (64, 26)):  # the same 500 runs, packed into sweeps of <= size runs
+        packed = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=os.environ | {"DRY_RUN": "1",
+                                "SWEEP_SIZE": str(size)}, capture_output=True, text=True, check=True).stdout
+        members = []
+        for line in packed.splitlines():
+            args = gt.finish_args(gt.parse_args(line.split()[2:]))
+            ms = gt.sweep_members(args) if args.sweep else [args]
+            assert len(ms) <= size and len({(m.model, m.dataset, m.group_size, m.tc_level) for m in ms}) == 1
+            members += [m for m in ms]
+        assert len(packed.splitlines()) == processes and len(members) == 500
+        assert {gt.run_name(m) for m in members} == {Path(r).name for r in runs}
 
 
 def test_a_tiny_grid_runs_through_run_paper_and_the_summary(tmp_path):
@@ -700,6 +713,22 @@ def test_a_tiny_grid_runs_through_run_paper_and_the_summary(tmp_path):
     assert "| group_tcvae (TC full) | 1 |" in table
     again = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "start" not in again.stderr  # finished runs are skipped
+
+
+def test_run_paper_packs_runs_into_sweeps_and_skips_finished_ones(tmp_path):
+    env = os.environ | {"STEPS": "2", "SEEDS": "0 1", "DATASETS": "dsprites_procedural", "TCVAE_BETAS": "10",
+                        "TCVAE_GAMMAS": "1", "BASE_BETAS": "1", "GROUP_SIZES": "2", "TC_LEVELS": "inter",
+                        "ABLATION_GAMMA": "1", "BATCH_SIZE": "4", "EVAL_SAMPLES": "200", "SWEEP_SIZE": "4",
+                        "RUNS_DIR": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "6 runs in 3 processes" in done.stderr
+    sweeps = sorted((tmp_path / "runs" / "dsprites_procedural").iterdir())
+    assert [len(list(s.glob("*/metrics.json"))) for s in sweeps] == [2, 2, 2]
+    assert all((s / "sweep.json").exists() for s in sweeps)
+    assert "| group_tcvae | 10 | 1 | 2 |" in (tmp_path / "runs" / "results.md").read_text()
+    again = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "start" not in again.stderr  # finished sweeps are skipped
 
 
 def test_summary_of_an_empty_folder_is_a_clear_error(tmp_path, capsys):
@@ -1006,7 +1035,7 @@ def test_readme_says_how_to_avoid_the_cuda_download_before_the_setup_commands():
 def test_evaluation_on_every_point_shows_progress(tmp_path, monkeypatch, capsys):
     run = tiny_run(tmp_path, model="gvae")
     monkeypatch.setattr(type(run.data), "factor_sizes", (3, 2, 2, 4, 3))
-    gt.evaluate(run, 0)
+    gt.evaluate(run.view(0), 0)
     assert "encoding 144 points: 100.0%" in capsys.readouterr().err
 
 
@@ -1052,3 +1081,110 @@ def test_slurm_array_task_runs_one_entry_of_the_list(tmp_path):
     bad = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env | {"SLURM_ARRAY_TASK_ID": "3"},
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not an entry (0..2)" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+def without_time(rows):
+    return [{k: float(v) for k, v in r.items() if k != "ms_per_step"} for r in rows]
+
+
+def assert_logs_close(a, b, rel=1e-4):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            assert math.isclose(ra[key], rb[key], rel_tol=rel, abs_tol=1e-6), (key, ra[key], rb[key])
+
+
+@pytest.mark.parametrize("model,tc_level,batched", [
+    ("group_tcvae", "inter", False), ("group_tcvae", "inter_intra", False), ("group_tcvae", "full", False),
+    ("mlvae", "inter", False), ("gvae", "inter", False),
+    ("group_tcvae", "inter", True), ("gvae", "inter", True),  # torch.func.vmap, the GPU's path, checked on the CPU
+])
+def test_a_sweep_member_is_the_same_run_as_alone(tmp_path, monkeypatch, model, tc_level, batched):
+    monkeypatch.setattr(gt.Run, "BATCHED", batched)
+    argv = ["--model", model, "--tc-level", tc_level, *BASE]
+    assert gt.main([*argv, "--seed", "0,3", "--beta", "2,9", "--out", str(tmp_path / "sweep")]) == 0
+    members = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(members) == 4 and f"{model}_beta9_gamma{8 if model == 'group_tcvae' else 0}_gs2_tc-{tc_level}_seed3" \
+        in members
+    alone = tmp_path / "alone"
+    assert gt.main([*argv, "--seed", "3", "--beta", "9", "--out", str(alone)]) == 0
+    member = tmp_path / "sweep" / [m for m in members if m.startswith(f"{model}_beta9_") and m.endswith("seed3")][0]
+    assert_logs_close(without_time(gt.read_log(member / "log.csv")), without_time(gt.read_log(alone / "log.csv")))
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (member, alone))
+    assert np.allclose(ma["mi_matrix"], mb["mi_matrix"], atol=2e-3)
+    config = json.loads((member / "config.json").read_text())
+    assert (config["seed"], config["beta"], config["out"]) == (3, 9.0, str(member))
+    for name in FIGURES:
+        assert (member / name).stat().st_size > 5_000
+
+
+def test_a_sweep_member_is_a_run_in_its_own_right(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    argv = ["--model", "gvae", *BASE, "--seed", "0,1", "--out", str(sweep)]
+    assert gt.main(argv) == 0
+    member = sweep / "gvae_beta1_gamma0_gs2_tc-inter_seed1"
+    checkpoint = torch.load(member / "checkpoint.pt", weights_only=True)
+    alone = tmp_path / "alone"
+    assert gt.main(["--model", "gvae", *BASE, "--seed", "1", "--out", str(alone)]) == 0
+    single = torch.load(alone / "checkpoint.pt", weights_only=True)
+    flat = lambda c: {k: tuple(v.shape) for k, v in c["vae"].items()}  # noqa: E731
+    assert set(checkpoint) == set(single) and flat(checkpoint) == flat(single)
+    assert checkpoint["vae_opt"]["state"].keys() == single["vae_opt"]["state"].keys()
+    assert gt.main(["--eval-only", "--out", str(member), "--eval-samples", "400"]) == 0
+    assert json.loads((member / "metrics.json").read_text())["eval_samples"] == 400
+    assert gt.main(["--resume", "--out", str(member), "--steps", "9"]) == 0  # continued alone
+    assert [r["step"] for r in gt.read_log(member / "log.csv")] == ["3", "6", "9"]
+    assert gt.main(argv) == 2 and "already holds a sweep" in capsys.readouterr().err
+    assert gt.main(["--summarize", str(sweep)]) == 0
+    assert "| gvae | 1 | 0 | 2 |" in (sweep / "results.md").read_text()
+
+
+def test_a_sweep_resumes_as_if_never_interrupted(tmp_path):
+    argv = ["--model", "group_tcvae", "--dataset", "dsprites_procedural", "--steps", "8", "--batch-size", "4",
+            "--log-every", "2", "--checkpoint-every", "100", "--eval-samples", "200", "--device", "cpu",
+            "--seed", "0,1", "--gamma", "1,8"]
+    assert gt.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert run_main_interrupted_at(4, argv + ["--out", str(tmp_path / "b")]) == 130
+    assert gt.main(["--resume", "--out", str(tmp_path / "b")]) == 0  # every unfinished run, together
+    for member in sorted((tmp_path / "a").iterdir()):
+        if member.is_dir():
+            a, b = (gt.read_log(tmp_path / r / member.name / "log.csv") for r in "ab")
+            assert without_time(a) == without_time(b)
+            assert [r["step"] for r in a] == ["2", "4", "6", "8"]
+
+
+def test_a_run_whose_loss_goes_nan_stops_alone(tmp_path, monkeypatch, capsys):
+    original = gt.group_objective
+
+    def poisoned(model, vae, D, x, shares, beta, gamma, *rest, **kw):
+        loss, terms, z = original(model, vae, D, x, shares, beta, gamma, *rest, **kw)
+        poisoned.calls += 1
+        if float(beta) == 3 and poisoned.calls > 8:  # the beta-3 run, from its 5th step on
+            loss = loss * float("nan")
+        return loss, terms, z
+    poisoned.calls = 0
+
+    monkeypatch.setattr(gt, "group_objective", poisoned)
+    sweep = tmp_path / "sweep"
+    code = gt.main(["--model", "gvae", "--dataset", "dsprites_procedural", "--steps", "8", "--batch-size", "4",
+                    "--log-every", "2", "--checkpoint-every", "2", "--eval-samples", "200", "--device", "cpu",
+                    "--beta", "1,3", "--out", str(sweep)])
+    assert code == 2
+    err = capsys.readouterr().err
+    bad, good = sweep / "gvae_beta3_gamma0_gs2_tc-inter_seed0", sweep / "gvae_beta1_gamma0_gs2_tc-inter_seed0"
+    assert f"{bad}: the loss became NaN" in err and "the other runs go on" in err
+    assert torch.load(bad / "checkpoint.pt", weights_only=True)["step"] == 4  # its last good checkpoint
+    assert "NaN or infinite" in (bad / "train.log").read_text() and not (bad / "metrics.json").exists()
+    assert json.loads((good / "metrics.json").read_text())["steps"] == 8  # the other run trained to the end
+    assert [r["step"] for r in gt.read_log(good / "log.csv")] == ["2", "4", "6", "8"]
+
+
+def test_sweep_lists_are_checked(tmp_path, capsys):
+    for flags, message in ((["--seed", "0,0"], "distinct int values"), (["--beta", "1,x"], "float values"),
+                           (["--beta", "1,-2"], "--beta must be a non-negative")):
+        with pytest.raises(SystemExit) if "values" in message else contextlib.nullcontext():
+            code = gt.main(["--model", "gvae", *BASE, *flags, "--out", str(tmp_path / "s")])
+            assert code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").rglob("config.json"))

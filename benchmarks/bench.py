@@ -4,6 +4,7 @@
     python benchmarks/bench.py --only step mig          # some sections
     python benchmarks/bench.py --device cuda            # on a GPU: bf16 autocast, the step as one CUDA graph
     python benchmarks/bench.py --device cuda --eager    # ... each step launched eagerly
+    python benchmarks/bench.py --only sweep --sizes 1 4 16 64   # sweeps against their runs one at a time
 
 Sections:
   step    training step (32 groups) of each model vs a bare step of the same networks on one fixed batch (no
@@ -14,15 +15,21 @@ Sections:
   gather  the cost of gathering a batch from a full-size in-memory uint8 array (file-backed data sets).
   mig     mig() against a reference built on sklearn.metrics.mutual_info_score per (latent, factor) pair, at
           N = 10,000 and N = 737,280 (needs scikit-learn; the program itself does not).
+  sweep   run-steps/s of a sweep of S runs trained together (one step trains all S) against S single runs one
+          after another (a single run's step, timed in alternating blocks), for S in --sizes and each model in
+          --models; the memory each run adds (host RSS on the CPU, allocated memory on CUDA); checkpoint size and
+          write time per run.
   load    load time and peak memory (ru_maxrss of a fresh process) of full-size dSprites (npz) and 3D Shapes
           (h5) files in the official layouts, written first into --data-dir from the built-in renderers.
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,8 +59,8 @@ def bench_step(device, flags, blocks, block_steps, dataset):
     for model in gt.MODELS:
         argv = ["--model", model, "--dataset", dataset, "--out", "unused"] + flags
         run = gt.Run(gt.finish_args(gt.parse_args(argv)), device)
-        x, shares = run.sample_batch()
-        bare = lambda: run.update(x, shares)  # noqa: E731
+        batch = run.sample_batch()
+        bare = lambda: run.update(*batch)  # noqa: E731
         full = run.train_step
         for _ in range(10 if "--compile" not in flags else 30):  # warm-up (CUDA graph capture, compilation)
             full(), bare()
@@ -68,6 +75,63 @@ def bench_step(device, flags, blocks, block_steps, dataset):
         print(f"step  {model:12s} {ms_full:8.2f} ms/step   bare {ms_bare:8.2f} ms   ratio {ms_full / ms_bare:5.3f}"
               f"   {1000 / ms_full:7.1f} steps/s   {64000 / ms_full:8.0f} images/s"
               f"   300k steps: {300_000 * ms_full / 60_000:6.1f} min", flush=True)
+    return results
+
+
+def host_rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def bench_sweep(device, flags, sizes, models, blocks, block_steps, dataset):
+    """A sweep of S runs against S single runs one after another, in the same process, blocks alternating."""
+    results = {}
+    for model in models:
+        argv = ["--model", model, "--dataset", dataset, "--out", "unused"] + flags
+        single = gt.Run([gt.finish_args(gt.parse_args(argv))], device)
+        for _ in range(10):  # warm-up (CUDA graph capture)
+            single.train_step()
+        for S in sizes:
+            base = gt.finish_args(gt.parse_args(argv + ["--seed", ",".join(map(str, range(S))) if S > 1 else "0"]))
+            members = gt.sweep_members(base) if S > 1 else [base]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            rss0 = host_rss_mib()
+            try:
+                run = gt.Run(members, device)
+                for _ in range(10):
+                    run.train_step()
+            except torch.OutOfMemoryError:
+                print(f"sweep {model:12s} S={S:4d}: out of memory", flush=True)
+                break
+            sync(device)
+            memory = ((torch.cuda.max_memory_allocated(device) - before) / 2 ** 20 if device.type == "cuda"
+                      else host_rss_mib() - rss0)
+            t_sweep, t_single = [], []
+            for _ in range(blocks):
+                t_sweep.append(timed(run.train_step, block_steps, device))
+                t_single.append(timed(single.train_step, block_steps, device))
+            ms_sweep, ms_single = 1000 * statistics.median(t_sweep), 1000 * statistics.median(t_single)
+            with tempfile.TemporaryDirectory() as tmp:
+                log_sum = torch.zeros(len(gt.TERMS[model]), device=device)
+                t0 = time.perf_counter()
+                for k in range(S):
+                    run.save(k, Path(tmp) / f"{k}.pt", log_sum, 0)
+                ckpt_s = (time.perf_counter() - t0) / S
+                ckpt_mib = statistics.mean(os.path.getsize(Path(tmp) / f"{k}.pt") for k in range(S)) / 2 ** 20
+            speedup = (S / ms_sweep) / (1 / ms_single)
+            results.setdefault(model, {})[S] = {
+                "sweep_step_ms": ms_sweep, "single_step_ms": ms_single, "run_steps_per_s": 1000 * S / ms_sweep,
+                "single_run_steps_per_s": 1000 / ms_single, "speedup": speedup, "memory_mib_per_run": memory / S,
+                "checkpoint_mib_per_run": ckpt_mib, "checkpoint_s_per_run": ckpt_s, "batched": run.batched}
+            print(f"sweep {model:12s} S={S:4d}: {ms_sweep:9.2f} ms/step = {1000 * S / ms_sweep:8.1f} run-steps/s; "
+                  f"single run {ms_single:7.2f} ms/step = {1000 / ms_single:7.1f}; speed-up {speedup:5.2f}x; "
+                  f"{memory / S:7.1f} MiB/run ({'GPU' if device.type == 'cuda' else 'host'}); checkpoint "
+                  f"{ckpt_mib:5.1f} MiB, {1000 * ckpt_s:6.1f} ms/run" + (" [vmap]" if run.batched else " [loop]"),
+                  flush=True)
+            del run
     return results
 
 
@@ -193,7 +257,9 @@ def bench_load(data_dir, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", default=["step", "render", "gather", "mig", "load"],
-                   choices=["step", "render", "gather", "mig", "load"])
+                   choices=["step", "render", "gather", "mig", "load", "sweep"])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="sweep sizes S (sweep section)")
+    p.add_argument("--models", nargs="+", default=list(gt.MODELS), choices=gt.MODELS, help="sweep section")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks for the step section")
     p.add_argument("--eager", action="store_true", help="on CUDA, no CUDA graph for the step section")
@@ -212,6 +278,10 @@ def main():
     if "step" in args.only:
         flags = ["--compile"] * args.compile + ["--eager"] * args.eager
         results["step"] = bench_step(device, flags, args.blocks, args.block_steps, args.dataset)
+    if "sweep" in args.only:
+        flags = ["--eager"] * args.eager
+        results["sweep"] = bench_sweep(device, flags, args.sizes, args.models, args.blocks, args.block_steps,
+                                       args.dataset)
     if "render" in args.only:
         results["render"] = bench_render(device)
     if "gather" in args.only:
