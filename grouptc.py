@@ -1157,9 +1157,11 @@ def over_runs(f, batched, *args):
     the runs (CPUs, where vmap's grouped convolutions are slower than one convolution per run)."""
     if batched:
         return torch.func.vmap(f)(*args)
+    # unbind, not t[k]: its gradient is one stack of the S slices' gradients, where indexing would add S
+    # full-size (S, ...) tensors to each weight's gradient
+    parts = [{n: t.unbind(0) for n, t in a.items()} if isinstance(a, dict) else a.unbind(0) for a in args]
     take = lambda a, k: {n: t[k] for n, t in a.items()} if isinstance(a, dict) else a[k]  # noqa: E731
-    S = len(args[-1])
-    outs = [f(*(take(a, k) for a in args)) for k in range(S)]
+    outs = [f(*(take(a, k) for a in parts)) for k in range(len(parts[-1]))]
     return tuple(torch.stack(o) for o in zip(*outs))
 
 

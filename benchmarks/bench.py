@@ -89,7 +89,8 @@ def bench_sweep(device, flags, sizes, models, blocks, block_steps, dataset):
     for model in models:
         argv = ["--model", model, "--dataset", dataset, "--out", "unused"] + flags
         single = gt.Run([gt.finish_args(gt.parse_args(argv))], device)
-        for _ in range(10):  # warm-up (CUDA graph capture)
+        warmup = 10 if device.type == "cuda" else 2  # CUDA: the graph is captured after 3 eager steps
+        for _ in range(warmup):
             single.train_step()
         for S in sizes:
             base = gt.finish_args(gt.parse_args(argv + ["--seed", ",".join(map(str, range(S))) if S > 1 else "0"]))
@@ -101,7 +102,7 @@ def bench_sweep(device, flags, sizes, models, blocks, block_steps, dataset):
             rss0 = host_rss_mib()
             try:
                 run = gt.Run(members, device)
-                for _ in range(10):
+                for _ in range(warmup):
                     run.train_step()
             except torch.OutOfMemoryError:
                 print(f"sweep {model:12s} S={S:4d}: out of memory", flush=True)
@@ -122,13 +123,17 @@ def bench_sweep(device, flags, sizes, models, blocks, block_steps, dataset):
                 ckpt_s = (time.perf_counter() - t0) / S
                 ckpt_mib = statistics.mean(os.path.getsize(Path(tmp) / f"{k}.pt") for k in range(S)) / 2 ** 20
             speedup = (S / ms_sweep) / (1 / ms_single)
+            n_weights = sum(p.numel() for p in (*run.vae_params.values(), *run.d_params.values())) / S
+            state_mib = 16 * n_weights / 2 ** 20  # fp32 weights, gradients and two Adam moments
             results.setdefault(model, {})[S] = {
                 "sweep_step_ms": ms_sweep, "single_step_ms": ms_single, "run_steps_per_s": 1000 * S / ms_sweep,
                 "single_run_steps_per_s": 1000 / ms_single, "speedup": speedup, "memory_mib_per_run": memory / S,
+                "state_mib_per_run": state_mib,
                 "checkpoint_mib_per_run": ckpt_mib, "checkpoint_s_per_run": ckpt_s, "batched": run.batched}
             print(f"sweep {model:12s} S={S:4d}: {ms_sweep:9.2f} ms/step = {1000 * S / ms_sweep:8.1f} run-steps/s; "
                   f"single run {ms_single:7.2f} ms/step = {1000 / ms_single:7.1f}; speed-up {speedup:5.2f}x; "
-                  f"{memory / S:7.1f} MiB/run ({'GPU' if device.type == 'cuda' else 'host'}); checkpoint "
+                  f"{memory / S:7.1f} MiB/run ({'GPU' if device.type == 'cuda' else 'host'}, of which weights, "
+                  f"gradients, Adam {state_mib:5.1f}); checkpoint "
                   f"{ckpt_mib:5.1f} MiB, {1000 * ckpt_s:6.1f} ms/run" + (" [vmap]" if run.batched else " [loop]"),
                   flush=True)
             del run
