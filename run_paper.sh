@@ -18,18 +18,21 @@
 # (10.3 min a run), MLVAE/GVAE 1.4 ms/step (7 min a run) at 32 pairs; per data set 160 group-tcVAE runs and 90
 # baseline runs = about 38 GPU-hours, about 76 for both data sets, plus a few seconds of evaluation per run.
 # Groups of 3 to 10 observations and 3D Shapes' 3 channels make some steps longer: not measured, so count more.
+# With GPUS, runs are packed into sweeps of up to SWEEP_SIZE runs a process (26 processes at 64), which is what
+# should cut this: sweep speed on a GPU is not measured yet (benchmarks/gpu.sh measures it), so no figure here.
 #
 # Usage:
-#   DRY_RUN=1 bash run_paper.sh             # print one complete command per run, run nothing
-#   COUNT=1 bash run_paper.sh               # print the number of runs (entries 0 .. COUNT-1)
-#   GPUS="0 1 2 3" bash run_paper.sh        # one run per GPU at a time
+#   DRY_RUN=1 bash run_paper.sh             # print one complete command per process (a run or a sweep), run nothing
+#   COUNT=1 bash run_paper.sh               # print the number of processes (entries 0 .. COUNT-1)
+#   GPUS="0 1 2 3" bash run_paper.sh        # one process per GPU at a time, each a sweep of up to SWEEP_SIZE runs
 #   JOBS=2 bash run_paper.sh                # CPU only: JOBS runs at a time, threads shared among them
 #   STEPS=3000 SEEDS="0 1 2" DATASETS=dsprites_procedural TCVAE_BETAS=10 TCVAE_GAMMAS="1 8" BASE_BETAS=1 \
 #     GROUP_SIZES=2 TC_LEVELS=inter LOG_EVERY=250 CHECKPOINT_EVERY=500 JOBS=2 RUNS_DIR=runs/cpu \
 #     bash run_paper.sh                      # the README's CPU-scale grid: 12 runs, about 2 h on 2 cores
-#   sbatch --array=0-499%16 --gres=gpu:1 run_paper.sh   # SLURM: array task i runs entry i of DRY_RUN's list
+#   SWEEP_SIZE=32 sbatch --array=0-29%8 --gres=gpu:1 run_paper.sh  # SLURM: task i runs entry i of DRY_RUN's list
 #   python grouptc.py --summarize runs/paper           # ... then the summary, once every task has finished
-# Finished runs (metrics.json present) are skipped; interrupted ones resume from their checkpoint. Each run folder
+# Finished runs (metrics.json present) are skipped; interrupted ones resume from their checkpoint (a sweep whose
+# runs are all finished is skipped; otherwise it continues its unfinished runs). Each run folder
 # is held by the process training it (an OS lock that dies with the process), so several run_paper.sh, on one
 # machine or on several sharing RUNS_DIR, never train the same run twice; the summary is written by the last one
 # to see every run finished. Under SLURM, submit from the repository's folder with the same overrides set.
@@ -74,7 +77,9 @@ if [ -z "${SWEEP_SIZE:-}" ]; then
   if [ ${#GPUS[@]} -gt 0 ] && command -v nvidia-smi >/dev/null; then
     mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i "$(IFS=,; echo "${GPUS[*]}")" |
           sort -n | head -n 1)
-    SWEEP_SIZE=$(( mib / MIB_PER_RUN )); [ "$SWEEP_SIZE" -le 64 ] || SWEEP_SIZE=64; [ "$SWEEP_SIZE" -ge 1 ] || SWEEP_SIZE=1
+    SWEEP_SIZE=$(( mib / MIB_PER_RUN ))
+    [ "$SWEEP_SIZE" -le 64 ] || SWEEP_SIZE=64
+    [ "$SWEEP_SIZE" -ge 1 ] || SWEEP_SIZE=1
   fi
 fi
 
