@@ -9,6 +9,7 @@ Run:
     python grouptc.py --model group_tcvae --dataset dsprites_procedural    # built-in renderer, no download
     python grouptc.py --eval-only --out RUN --eval-samples 0               # re-evaluate a saved run on all points
     python grouptc.py --summarize runs/                                    # Figure 3(b), 3(c), 4 and results.md
+    python grouptc.py --dataset dsprites_procedural --seed 0,1,2 --gamma 1,8   # a sweep: 6 runs trained together
 
 Where each quantity of the paper lives:
     Eq. (1)  WS-ELBO of MLVAE / GVAE ........ group_objective(), with product_posterior() / average_posterior()
@@ -22,7 +23,10 @@ Where each quantity of the paper lives:
     Fig. 3b, 3c, 4 ............................ summarize()
     Fig. 5   reconstructions, traversals ...... plot_reconstructions(), plot_traversals()
 
-Sections: errors -> data -> group sampler -> model -> objectives -> metrics -> training -> evaluation and
+Sweeps (many runs in one process): Run holds S runs' stacked weights; Bound and over_runs() apply the one
+group_objective() to each run's slice (a loop on the CPU, torch.func.vmap on accelerators); sweep_members().
+
+Sections: errors and files -> data -> group sampler -> model -> objectives -> metrics -> training -> evaluation and
 figures -> summary of a grid -> command line.
 """
 
