@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -832,21 +833,26 @@ def test_a_run_folder_is_held_by_one_process(tmp_path, capsys):
 
 
 def test_two_run_paper_sh_on_one_runs_dir_never_train_a_run_twice(tmp_path):
-    env = os.environ | {"STEPS": "4", "SEEDS": "0", "DATASETS": "dsprites_procedural", "TCVAE_BETAS": "10",
+    env = os.environ | {"STEPS": "200", "SEEDS": "0", "DATASETS": "dsprites_procedural", "TCVAE_BETAS": "10",
                         "TCVAE_GAMMAS": "1", "BASE_BETAS": "1", "GROUP_SIZES": "2", "TC_LEVELS": "inter",
-                        "ABLATION_GAMMA": "1",
-                        "BATCH_SIZE": "4", "EVAL_SAMPLES": "200", "LOG_EVERY": "2", "JOBS": "1",
-                        "RUNS_DIR": str(tmp_path / "runs"), "PYTHON": sys.executable}
-    first, second = (subprocess.Popen(["bash", "run_paper.sh"], cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
-                     for _ in range(2))
+                        "ABLATION_GAMMA": "1", "BATCH_SIZE": "4", "EVAL_SAMPLES": "200", "LOG_EVERY": "100",
+                        "JOBS": "1", "RUNS_DIR": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    start = lambda: subprocess.Popen(["bash", "run_paper.sh"], cwd=HERE, env=env, stderr=subprocess.PIPE,
+                                     text=True)  # noqa: E731
+    first = start()
+    deadline = time.time() + 120  # the second starts once the first is training its first run
+    while not any("training " in p.read_text() for p in (tmp_path / "runs").rglob("stdout.log")):
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.2)
+    second = start()
     errs = [p.communicate(timeout=600)[1] for p in (first, second)]
     runs = sorted((tmp_path / "runs" / "dsprites_procedural").iterdir())
     assert len(runs) == 3
     for run in runs:
         assert (run / "stdout.log").read_text().count("training ") == 1, run  # trained by one process only
-        assert [r["step"] for r in gt.read_log(run / "log.csv")] == ["2", "4"]  # no interleaved rows
-    assert sum("results.md" in e for e in errs) >= 1  # the last to see every run done summarises
-    assert (tmp_path / "runs" / "results.md").exists()
+        assert [r["step"] for r in gt.read_log(run / "log.csv")] == ["100", "200"]  # no interleaved rows
+    assert "another process is training it" in errs[1]
+    assert (tmp_path / "runs" / "results.md").exists()  # the last to see every run done summarises
 
 
 def test_a_failed_download_removes_only_its_own_partial_file(tmp_path, monkeypatch):
