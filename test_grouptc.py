@@ -383,21 +383,20 @@ def test_discriminator_update_leaves_the_encoder_gradients_untouched(tmp_path):
         run.train_step()
     a = run.args
     x, shares, eps, u = run.sample_batch()
-    vae_p = {n: p[0] for n, p in run.vae_params.items()}  # the run's slice, as update() passes it
-    frozen = {n: p[0].detach() for n, p in run.d_params.items()}
+    vae_p, d_p = run.vae_trained[0], run.d_trained[0]  # the run's weights, as update() passes them
+    frozen = {n: p.detach() for n, p in d_p.items()}
     loss, terms, z = gt.group_objective("group_tcvae", gt.Bound(run.vae, vae_p), gt.Bound(run.D, frozen), x[0],
                                         shares[0], a.beta, a.gamma, a.content_dims, eps=eps[0])
     run.vae_opt.zero_grad()
     run.d_opt.zero_grad(set_to_none=True)
     loss.backward()
-    assert all(p.grad is None for p in run.d_params.values())  # the VAE's loss does not train D
-    before = [p.grad.clone() for p in run.vae_params.values()]
-    d_p = {n: p[0] for n, p in run.d_params.items()}
+    assert all(p.grad is None for p in d_p.values())  # the VAE's loss does not train D
+    before = [p.grad.clone() for p in vae_p.values()]
     d_loss, _ = gt.discriminator_loss(gt.Bound(run.D, d_p), z, gt.permute_codes(z.detach(), run.blocks, u=u[0]))
     d_loss.backward()
     run.d_opt.step()
-    assert all(torch.equal(b, p.grad) for b, p in zip(before, run.vae_params.values()))
-    assert all(p.grad is not None for p in run.d_params.values())
+    assert all(torch.equal(b, p.grad) for b, p in zip(before, vae_p.values()))
+    assert all(p.grad is not None for p in d_p.values())
 
 
 def test_objectives_assemble_their_terms(tmp_path):
@@ -510,6 +509,17 @@ def test_mi_closed_forms():
     assert gt.mig(np.zeros((1000, 3)), v[:1000]) == 0
     dup = np.repeat(v[:1000].astype(float), 2, axis=1)
     assert gt.mig(dup, v[:1000]) == 0
+
+
+def test_the_mi_kernels_leave_torchs_threads_alone():
+    """Numba's OpenMP layer set torch's thread count to every core on first use, so training after an evaluation
+    in one process ran on other threads than OMP_NUM_THREADS said (30x slower on shared cores, other sums)."""
+    code = ("import numpy as np, torch, grouptc as gt; before = torch.get_num_threads(); "
+            "gt.mutual_info_matrix(np.random.rand(500, 3), np.random.randint(0, 4, (500, 2))); "
+            "print(before, torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert out.stdout.split() == ["1", "1"], out.stdout + out.stderr
 
 
 def test_perfect_code_on_the_dsprites_grid_scores_0_8955():
@@ -1168,6 +1178,25 @@ def test_a_sweep_resumes_as_if_never_interrupted(tmp_path):
             a, b = (gt.read_log(tmp_path / r / member.name / "log.csv") for r in "ab")
             assert without_time(a) == without_time(b)
             assert [r["step"] for r in a] == ["2", "4", "6", "8"]
+
+
+@pytest.mark.parametrize("first,then", [(True, False), (False, True)])
+def test_a_sweep_resumes_in_the_other_layout(tmp_path, monkeypatch, first, then):
+    """Interrupted while batched (vmap over the stacked weights, one Adam state per stacked tensor), resumed looping
+    (each run's slices and their Adam states), and the reverse: a checkpoint is a run's, whatever trained it."""
+    argv = ["--model", "group_tcvae", "--dataset", "dsprites_procedural", "--steps", "8", "--batch-size", "4",
+            "--log-every", "2", "--checkpoint-every", "100", "--eval-samples", "200", "--device", "cpu",
+            "--seed", "0,1"]
+    monkeypatch.setattr(gt.Run, "BATCHED", first)
+    assert gt.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert run_main_interrupted_at(4, argv + ["--out", str(tmp_path / "b")]) == 130
+    monkeypatch.setattr(gt.Run, "BATCHED", then)
+    assert gt.main(["--resume", "--out", str(tmp_path / "b")]) == 0
+    for seed in (0, 1):
+        name = f"group_tcvae_beta10_gamma8_gs2_tc-inter_seed{seed}"
+        a, b = (gt.read_log(tmp_path / r / name / "log.csv") for r in "ab")
+        assert [r["step"] for r in b] == ["2", "4", "6", "8"]
+        assert_logs_close(without_time(a), without_time(b))
 
 
 def test_a_run_whose_loss_goes_nan_stops_alone(tmp_path, monkeypatch, capsys):
