@@ -972,8 +972,9 @@ def build_parser(suppress_defaults=False):
       help="group-tcVAE: weight of the KL between the members' shared-group posteriors ('lambda' in the paper's "
            "grid {1,8,16,32,64}), default 8; unused by MLVAE/GVAE. A comma-separated list makes a sweep")
     a("--tc-level", choices=TC_LEVELS, default="inter",
-      help="factorisation of q-bar (Sec. 3): inter: q(z_c)q(z_\\c); inter_intra: q(z_c) prod_i q(z_\\c,i); "
-           "full: prod_i q(z_i) (FactorVAE)")
+      help="factorisation of q-bar (Sec. 3): inter: q(z_c)q(z_\\c), the paper's objective; inter_intra: q(z_c) "
+           "prod_i q(z_\\c,i); full: prod_i q(z_i) (FactorVAE). Recommended when MIG matters: full, the one "
+           "setting of the README's CPU study ahead of MLVAE and GVAE on both MIG and group-MIG (3 seeds, narrowly)")
     a("--content-factors", default=None,
       help="comma-separated factor names of the content group c (default: shapes3d object_hue,scale,shape, the "
            "paper's Sec. 4.1; dsprites shape,scale,orientation, this project's choice: the paper names no dSprites "
@@ -1161,14 +1162,21 @@ class Bound:
 
 def over_runs(f, batched, *args):
     """f applied to run k's slice (index k of dim 0) of every argument (tensors, or dicts of them; a list is
-    already one entry per run), for every run, outputs stacked on dim 0. batched: one torch.func.vmap call, a few
-    large kernels (GPUs); otherwise a loop over the runs (CPUs, where vmap's grouped convolutions are slower than
-    one convolution per run)."""
+    already one entry per run), for every run; backpropagates each run's first output (its loss) and returns the
+    outputs, detached, stacked on dim 0. batched: one torch.func.vmap call, a few large kernels (GPUs); otherwise a
+    loop over the runs (CPUs, where vmap's grouped convolutions are slower than one convolution per run), each
+    run's backward right after its forward, so that one run's activations at a time fill the caches."""
     if batched:
-        return torch.func.vmap(f)(*args)
+        outs = torch.func.vmap(f)(*args)
+        outs[0].sum().backward()  # each run's weights get exactly the gradient of its own loss
+        return tuple(o.detach() for o in outs)
     take = lambda a, k: a[k] if isinstance(a, list) else {n: t[k] for n, t in a.items()} if isinstance(a, dict) \
         else a[k]  # noqa: E731
-    outs = [f(*(take(a, k) for a in args)) for k in range(len(args[-1]))]
+    outs = []
+    for k in range(len(args[-1])):
+        out = f(*(take(a, k) for a in args))
+        out[0].backward()
+        outs.append([o.detach() for o in out])
     return tuple(torch.stack(o) for o in zip(*outs))
 
 
@@ -1259,30 +1267,31 @@ class Run:
         frozen_d = {n: p.detach() for n, p in self.d_params.items()}  # the VAE's loss moves the encoder through D,
         # never D itself
 
+        autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=self.amp,
+                                     cache_enabled=False)  # the forward passes only
+
         def vae_loss(vae_p, d_p, x, shares, eps, beta, gamma):
-            D = Bound(self.D, d_p) if self.D is not None else None
-            loss, terms, z = group_objective(a.model, Bound(self.vae, vae_p), D, x, shares, beta, gamma,
-                                             a.content_dims, eps=eps)
+            with autocast():
+                D = Bound(self.D, d_p) if self.D is not None else None
+                loss, terms, z = group_objective(a.model, Bound(self.vae, vae_p), D, x, shares, beta, gamma,
+                                                 a.content_dims, eps=eps)
             return loss, torch.stack(list(terms.values())), z
 
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-            loss, terms, z = over_runs(vae_loss, self.batched, self.vae_trained, frozen_d, x, shares_content, eps,
-                                       self.beta, self.gamma)
         self.vae_opt.zero_grad(set_to_none=True)
-        loss.sum().backward()  # each run's weights get exactly the gradient of its own loss
+        loss, terms, z = over_runs(vae_loss, self.batched, self.vae_trained, frozen_d, x, shares_content, eps,
+                                   self.beta, self.gamma)
         self.vae_opt.step()
         values = [loss[:, None], terms]
         if self.D is not None:
             def d_loss(d_p, z, u):
-                return discriminator_loss(Bound(self.D, d_p), z, permute_codes(z, self.blocks, u=u))
+                with autocast():
+                    return discriminator_loss(Bound(self.D, d_p), z, permute_codes(z, self.blocks, u=u))
 
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-                d_losses, d_acc = over_runs(d_loss, self.batched, self.d_trained, z.detach(), u)
             self.d_opt.zero_grad(set_to_none=True)
-            d_losses.sum().backward()
+            d_losses, d_acc = over_runs(d_loss, self.batched, self.d_trained, z, u)
             self.d_opt.step()
             values += [d_losses[:, None], d_acc[:, None]]
-        return torch.cat([v.detach().float() for v in values], 1)
+        return torch.cat([v.float() for v in values], 1)
 
     def _step_values(self):
         return self.update(*self.sample_batch())
@@ -2043,7 +2052,7 @@ def summarize(runs_dir):
         _legend(ax)
         fig.tight_layout()
         save_figure(fig, runs_dir / f"figure3c_{dataset}.png", 110)
-    (runs_dir / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(runs_dir / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote results.md and figures to {runs_dir}", file=sys.stderr)
     return lines
