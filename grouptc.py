@@ -759,10 +759,6 @@ def _get_mi_kernel():
     global _mi_kernel
     if _mi_kernel is None:
         import numba
-        # Numba's own thread pool, not its OpenMP layer: that shares torch's OpenMP runtime and sets its thread
-        # count to every core (OMP_NUM_THREADS notwithstanding), so that training after an evaluation in the same
-        # process would run on other threads, oversubscribed when processes share the cores, with other sums.
-        numba.config.THREADING_LAYER = "workqueue"
 
         @numba.njit(parallel=True, cache=True)
         def kernel(codes, edges, factors, n_classes, n_chunks):
@@ -855,6 +851,16 @@ def mutual_info_and_entropy(codes, factors, n_bins=20):
     """(L, K) plug-in MI in nats between each code dim, cut into n_bins equal-width bins between its min and max
     (numpy.histogram's edges, numpy.digitize's labels), and each factor; and the (K,) factor entropies.
     codes (N, L) float, factors (N, K) integer classes."""
+    threads = torch.get_num_threads()
+    try:
+        return _mutual_info_and_entropy(codes, factors, n_bins)
+    finally:  # Numba's OpenMP layer shares torch's OpenMP runtime and, starting its threads, sets its thread count
+        # to every core (OMP_NUM_THREADS notwithstanding): training after an evaluation in the same process would
+        # run on more threads than asked (oversubscribed where processes share the cores) and sum in another order
+        torch.set_num_threads(threads)
+
+
+def _mutual_info_and_entropy(codes, factors, n_bins):
     import numba
     codes = np.ascontiguousarray(codes, dtype=np.float64)
     if codes.ndim != 2 or len(codes) != len(factors) or len(codes) == 0:
@@ -1223,8 +1229,9 @@ class Run:
         self.batched = (device.type != "cpu" and len(self) > 1) if self.BATCHED is None else self.BATCHED
         self.vae_params, self.vae_trained = stack_params(vaes, self.batched)
         self.d_params, self.d_trained = stack_params(Ds, self.batched) if self.D is not None else ({}, {})
-        # fused: one pass over each tensor, no temporaries (on the CPU too, where it is a fifth of the step faster)
-        fused = {"fused": True, "capturable": self.use_graph} if device.type == "cuda" else {"fused": True}
+        # CUDA: fused, capturable Adam (one kernel, inside the CUDA graph). CPU: the default Adam, which computes the
+        # runs of docs/cpu_study byte for byte; the fused one was 0-4% faster there and rounds differently.
+        fused = {"fused": True, "capturable": self.use_graph} if device.type == "cuda" else {}
         self.vae_opt = torch.optim.Adam(leaves(self.vae_trained), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, **fused)
         self.d_opt = (torch.optim.Adam(leaves(self.d_trained), lr=1e-4, betas=(0.5, 0.9), **fused)
                       if self.D is not None else None)
