@@ -8,7 +8,7 @@
 # Results go to RESULTS (default gpu_results/); on the device machine, where $OUT is what comes back (8 files at
 # most), they are packed into $OUT/gpu_results.tar.gz, with every log and table also in $OUT/gpu_results.txt.
 # The paper's grid at GPU scale is benchmarks/gpu_grid.sh; after it, on a
-# machine still warm: SECTIONS="sweep alone" bash benchmarks/gpu.sh (about 3 minutes).
+# machine still warm: SECTIONS="sweep alone" bash benchmarks/gpu.sh (3-4 minutes by estimate; not yet timed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST=${OUT:-}

@@ -63,6 +63,7 @@ for tc in $TC_LEVELS; do
   FLAGS+=("--model group_tcvae --tc-level $tc --beta $(csv_list "$GTC_BETAS") --gamma $(csv_list "$GTC_GAMMAS")")
 done
 for m in mlvae gvae; do NAMES+=("$m"); FLAGS+=("--model $m --beta $(csv_list "$BASE_BETAS")"); done
+SHARE=$(( $(nproc) / ${#NAMES[@]} )); [ "$SHARE" -ge 1 ] || SHARE=1  # CPU threads of each process run at once
 
 train() {  # train STEPS EXTRA MODE: every process into $grid/NAME, MODE together|in_turn, stopped at DEADLINE_S
   local steps=$1 extra=$2 mode=$3 i pids=() rc=0 cmd left
@@ -73,7 +74,7 @@ train() {  # train STEPS EXTRA MODE: every process into $grid/NAME, MODE togethe
 --device $DEVICE --steps $steps $extra --out $grid/${NAMES[$i]} --resume"
     mkdir -p "$grid/${NAMES[$i]}"
     if [ "$mode" = together ]; then
-      $cmd >>"$grid/${NAMES[$i]}/stdout.log" 2>&1 &
+      OMP_NUM_THREADS=$SHARE $cmd >>"$grid/${NAMES[$i]}/stdout.log" 2>&1 &
       pids+=($!)
     else
       $cmd >>"$grid/${NAMES[$i]}/stdout.log" 2>&1 || rc=1
@@ -94,7 +95,8 @@ else
   t0=$(date +%s)
   pids=()
   for i in "${!sets[@]}"; do
-    $PYTHON benchmarks/time_sweeps.py --steps "$CAL_STEPS" --barrier "$barrier" --parties ${#sets[@]} "${sets[$i]}" \
+    OMP_NUM_THREADS=$SHARE $PYTHON benchmarks/time_sweeps.py --steps "$CAL_STEPS" --barrier "$barrier" \
+      --parties ${#sets[@]} "${sets[$i]}" \
       >"$RUNS_DIR/calibrate.together.$i" &
     pids+=($!)
   done
