@@ -1422,7 +1422,8 @@ def _optimizer_stack(opt, state_dicts, batched):
         state = {i: {name: (v if name == "step" else torch.stack([sd["state"][i][name] for sd in state_dicts]))
                      for name, v in s.items()} for i, s in first["state"].items()}
     else:
-        state = {k * n + i: s for k, sd in enumerate(state_dicts) for i, s in sd["state"].items()}
+        state = {k * n + i: {name: v.clone() for name, v in s.items()}  # its own memory, not the checkpoint's
+                 for k, sd in enumerate(state_dicts) for i, s in sd["state"].items()}
     # the saved hyperparameters (lr, betas, eps), this optimiser's implementation (fused, capturable: the device's)
     own = opt.param_groups[0]
     groups = [dict(g, params=list(range(len(g["params"]) * (1 if batched else S))),
