@@ -1538,8 +1538,9 @@ def progress_line(step, total, names, means, ms):
             f"  {ms:.1f} ms/step  ETA {format_seconds(eta)}")
 
 
-def train(members):
-    """Train a set of runs together (one: an ordinary run), each into its own folder (held by this process).
+def train(members, sweep=False):
+    """Train a set of runs together (one: an ordinary run, unless sweep says it belongs to one), each into its own
+    folder (held by this process).
     Returns (Run, the indices of the runs that trained to the end), or None when every run was finished before.
     Writes each run's config.json, log.csv and checkpoint.pt; a run whose loss goes NaN stops alone."""
     members = members if isinstance(members, list) else [members]
@@ -1548,7 +1549,7 @@ def train(members):
     checkpoints = [c for c in checkpoints if c is not False]
     if not members:
         return None
-    a, S, sweep = members[0], len(members), len(members) > 1
+    a, S, sweep = members[0], len(members), sweep or len(members) > 1
     device = resolve_device(a.device)
     run = Run(members, device)
     names = TERMS[a.model]
@@ -1558,7 +1559,7 @@ def train(members):
         run.load(checkpoints, ckpt_paths)
         log_sum = torch.stack([c["log_sum"] for c in checkpoints]).to(device)
         log_count = checkpoints[0]["log_count"]
-        print(f"resuming {a.out if not sweep else f'{S} runs'} at step {run.step:,}", file=sys.stderr)
+        print(f"resuming {a.out if not sweep else f'{S} run' + 's' * (S > 1)} at step {run.step:,}", file=sys.stderr)
     logs = []
     for m in members:
         write_text_atomic(Path(m.out) / "config.json", json.dumps(public_args(m), indent=2) + "\n")
@@ -1567,7 +1568,7 @@ def train(members):
 
     stop = StopRequest()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    what = (f"{S} runs (seed {', '.join(sorted({f'{m.seed}' for m in members}, key=int))}; beta "
+    what = (f"{S} run{'s' * (S > 1)} (seed {', '.join(sorted({f'{m.seed}' for m in members}, key=int))}; beta "
             f"{', '.join(sorted({f'{m.beta:g}' for m in members}, key=float))}" +
             (f"; gamma {', '.join(sorted({f'{m.gamma:g}' for m in members}, key=float))}"
              if a.model == "group_tcvae" else "") + ")" if sweep else
@@ -1861,7 +1862,7 @@ def train_sweep(args):
             steps.setdefault(load_checkpoint(ckpt)["step"] if args.resume and ckpt.exists() else 0, []).append(m)
         failed = 0
         for step in sorted(steps):
-            trained = train(steps[step])
+            trained = train(steps[step], sweep=True)
             if trained is None:
                 continue
             run, alive = trained

@@ -1223,6 +1223,11 @@ def test_a_run_whose_loss_goes_nan_stops_alone(tmp_path, monkeypatch, capsys):
     assert "NaN or infinite" in (bad / "train.log").read_text() and not (bad / "metrics.json").exists()
     assert json.loads((good / "metrics.json").read_text())["steps"] == 8  # the other run trained to the end
     assert [r["step"] for r in gt.read_log(good / "log.csv")] == ["2", "4", "6", "8"]
+    # Resumed further, the runs stand at steps 4 and 8 and train one set after the other, each alone: the NaN run
+    # again stops alone, and the other one still trains
+    assert gt.main(["--resume", "--out", str(sweep), "--steps", "10"]) == 2
+    assert (bad / "train.log").read_text().count("NaN or infinite") == 2
+    assert json.loads((good / "metrics.json").read_text())["steps"] == 10
 
 
 def test_sweep_lists_are_checked(tmp_path, capsys):
