@@ -25,7 +25,8 @@
 #   DRY_RUN=1 bash run_paper.sh             # print one complete command per process (a run or a sweep), run nothing
 #   COUNT=1 bash run_paper.sh               # print the number of processes (entries 0 .. COUNT-1)
 #   GPUS="0 1 2 3" bash run_paper.sh        # one process per GPU at a time, each a sweep of up to SWEEP_SIZE runs
-#   JOBS=2 bash run_paper.sh                # CPU only: JOBS runs at a time, threads shared among them
+#   JOBS=2 bash run_paper.sh                # CPU only: JOBS runs at a time, the cores' threads shared among them
+#                                           # (or OMP_NUM_THREADS each, when set: two scripts on one machine)
 #   STEPS=3000 SEEDS="0 1 2" DATASETS=dsprites_procedural TCVAE_BETAS=10 TCVAE_GAMMAS="1 8" BASE_BETAS=1 \
 #     GROUP_SIZES=2 TC_LEVELS=inter LOG_EVERY=250 CHECKPOINT_EVERY=500 JOBS=2 RUNS_DIR=runs/cpu \
 #     bash run_paper.sh                      # the README's CPU-scale grid: 12 runs, about 2 h on 2 cores
@@ -91,6 +92,8 @@ done
 for v in STEPS BATCH_SIZE JOBS LOG_EVERY CHECKPOINT_EVERY SWEEP_SIZE; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, got '${!v}'"
 done
+[[ -z ${OMP_NUM_THREADS:-} || $OMP_NUM_THREADS =~ ^[1-9][0-9]*$ ]] ||
+  die "OMP_NUM_THREADS must be a positive whole number when set, got '$OMP_NUM_THREADS'"
 [[ $EVAL_SAMPLES =~ ^[0-9]+$ ]] || die "EVAL_SAMPLES must be a whole number (0: every point), got '$EVAL_SAMPLES'"
 for s in "${SEEDS[@]}"; do [[ $s =~ ^[0-9]+$ ]] || die "SEEDS must be whole numbers, got '$s'"; done
 for n in "${TCVAE_BETAS[@]}" "${TCVAE_GAMMAS[@]}" "${BASE_BETAS[@]}" "$ABLATION_BETA" "$ABLATION_GAMMA"; do
@@ -235,7 +238,7 @@ mkdir -p "$RUNS_DIR"
 if [ ${#GPUS[@]} -gt 0 ]; then
   for gpu in "${GPUS[@]}"; do worker "CUDA_VISIBLE_DEVICES=$gpu" & done
 else
-  threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
+  threads=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS ))}; [ "$threads" -ge 1 ] || threads=1  # set: yours
   for _ in $(seq "$JOBS"); do worker "OMP_NUM_THREADS=$threads" & done
 fi
 wait

@@ -846,7 +846,8 @@ def test_two_run_paper_sh_on_one_runs_dir_never_train_a_run_twice(tmp_path):
     env = os.environ | {"STEPS": "200", "SEEDS": "0", "DATASETS": "dsprites_procedural", "TCVAE_BETAS": "10",
                         "TCVAE_GAMMAS": "1", "BASE_BETAS": "1", "GROUP_SIZES": "2", "TC_LEVELS": "inter",
                         "ABLATION_GAMMA": "1", "BATCH_SIZE": "4", "EVAL_SAMPLES": "200", "LOG_EVERY": "100",
-                        "JOBS": "1", "RUNS_DIR": str(tmp_path / "runs"), "PYTHON": sys.executable}
+                        "JOBS": "1", "RUNS_DIR": str(tmp_path / "runs"), "PYTHON": sys.executable,
+                        "OMP_NUM_THREADS": "1"}  # two scripts share the cores (both cores each: oversubscribed)
     start = lambda: subprocess.Popen(["bash", "run_paper.sh"], cwd=HERE, env=env, stderr=subprocess.PIPE,
                                      text=True)  # noqa: E731
     first = start()
@@ -1079,6 +1080,7 @@ def test_summary_prints_no_warnings(tmp_path, recwarn):
     ({"RUNS_DIR": "my runs"}, "RUNS_DIR must not contain spaces"),
     ({"TC_LEVELS": "inter most"}, "unknown level 'most'"),
     ({"DATASETS": "mnist"}, "unknown data set 'mnist'"),
+    ({"OMP_NUM_THREADS": "all"}, "OMP_NUM_THREADS must be a positive whole number"),
 ])
 def test_run_paper_checks_its_settings_up_front(tmp_path, env, message):
     done = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, capture_output=True, text=True,
