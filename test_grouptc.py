@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -1087,6 +1088,29 @@ def test_run_paper_checks_its_settings_up_front(tmp_path, env, message):
                           env=os.environ | {"RUNS_DIR": str(tmp_path / "runs"), "DRY_RUN": "1"} | env)
     assert done.returncode == 2 and message in done.stderr and done.stdout == ""
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_gpu_grid_script_runs_whole_on_the_cpu(tmp_path):
+    """benchmarks/gpu_grid.sh at tiny sizes: calibration, training, evaluation, summary, and the files that come back
+    from a device command; run again, it keeps its plan (device minutes are scarce: a broken script wastes them)."""
+    out = tmp_path / "out"
+    env = os.environ | {"DEVICE": "cpu", "CAL_STEPS": "1", "WARMUP": "1", "QUANTUM": "2", "MAX_STEPS": "2",
+                        "TRAIN_S": "5", "SEEDS": "0", "GTC_BETAS": "10", "GTC_GAMMAS": "8", "BASE_BETAS": "1",
+                        "TC_LEVELS": "full", "EVAL_SAMPLES": "100", "RUNS_DIR": str(tmp_path / "runs"),
+                        "OUT": str(out), "PYTHON": sys.executable}
+    run = lambda: subprocess.run(["bash", "benchmarks/gpu_grid.sh"], cwd=HERE, env=env, capture_output=True,  # noqa
+                                 text=True, timeout=600)
+    done = run()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_grid.tar.gz", "gpu_grid.txt", "results.md"]
+    report = (out / "gpu_grid.txt").read_text()
+    assert "all at once" in report and "STEPS=2 fit" in report and "3 of 3 runs evaluated" in report
+    with tarfile.open(out / "gpu_grid.tar.gz") as tar:
+        names = tar.getnames()
+    assert sum(n.endswith("metrics.json") for n in names) == 3 and not any(n.endswith(".pt") for n in names)
+    assert "| group_tcvae (TC full) | 1 | 2 |" in (out / "results.md").read_text()
+    again = run()
+    assert again.returncode == 0 and "STEPS=2 MODE=" in again.stderr and "continuing" in again.stderr
 
 
 def test_slurm_array_task_runs_one_entry_of_the_list(tmp_path):

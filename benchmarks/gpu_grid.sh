@@ -19,8 +19,8 @@
 #      no checkpoints).
 #
 # Usage:  bash benchmarks/gpu_grid.sh                       # on a machine with a CUDA GPU
-#         DEVICE=cpu CAL_STEPS=2 QUANTUM=2 MAX_STEPS=8 TRAIN_S=20 SEEDS=0 GTC_BETAS=10 GTC_GAMMAS=8 BASE_BETAS=1 \
-#           EVAL_SAMPLES=300 RUNS_DIR=/tmp/gg OUT=/tmp/gg_out bash benchmarks/gpu_grid.sh   # the whole script, tiny
+#         DEVICE=cpu CAL_STEPS=2 WARMUP=2 QUANTUM=2 MAX_STEPS=8 TRAIN_S=20 SEEDS=0 GTC_BETAS=10 GTC_GAMMAS=8 \
+#           BASE_BETAS=1 EVAL_SAMPLES=300 RUNS_DIR=/tmp/gg OUT=/tmp/gg_out bash benchmarks/gpu_grid.sh   # tiny, CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -35,6 +35,7 @@ GTC_GAMMAS=${GTC_GAMMAS:-1 8 32}
 BASE_BETAS=${BASE_BETAS:-1 4 16}
 TC_LEVELS=${TC_LEVELS:-inter full}
 CAL_STEPS=${CAL_STEPS:-200}
+WARMUP=${WARMUP:-10}
 TRAIN_S=${TRAIN_S:-270}
 DEADLINE_S=${DEADLINE_S:-450}
 MAX_STEPS=${MAX_STEPS:-300000}
@@ -42,7 +43,7 @@ QUANTUM=${QUANTUM:-1000}
 EVAL_SAMPLES=${EVAL_SAMPLES:-10000}
 export PYTHONUNBUFFERED=1
 die() { echo "gpu_grid.sh: $*" >&2; exit 2; }
-for v in CAL_STEPS TRAIN_S DEADLINE_S MAX_STEPS QUANTUM; do
+for v in CAL_STEPS WARMUP TRAIN_S DEADLINE_S MAX_STEPS QUANTUM; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, got '${!v}'"
 done
 mkdir -p "$OUT" "$RUNS_DIR" || die "cannot create $OUT or $RUNS_DIR"
@@ -89,20 +90,23 @@ if [ -f "$RUNS_DIR/plan.env" ]; then
   say "plan from $RUNS_DIR/plan.env: STEPS=$STEPS MODE=$MODE (continuing)"
 else
   sets=()
-  for i in "${!NAMES[@]}"; do sets+=("${FLAGS[$i]} --dataset $DATASET --seed $(csv_list "$SEEDS") --device $DEVICE"); done
+  for i in "${!NAMES[@]}"; do
+    sets+=("${FLAGS[$i]} --dataset $DATASET --seed $(csv_list "$SEEDS") --device $DEVICE")
+  done
   barrier=$RUNS_DIR/barrier
   rm -rf "$barrier"
   t0=$(date +%s)
   pids=()
   for i in "${!sets[@]}"; do
-    OMP_NUM_THREADS=$SHARE $PYTHON benchmarks/time_sweeps.py --steps "$CAL_STEPS" --barrier "$barrier" \
-      --parties ${#sets[@]} "${sets[$i]}" \
+    OMP_NUM_THREADS=$SHARE $PYTHON benchmarks/time_sweeps.py --steps "$CAL_STEPS" --warmup "$WARMUP" \
+      --barrier "$barrier" --parties ${#sets[@]} "${sets[$i]}" \
       >"$RUNS_DIR/calibrate.together.$i" &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || die "calibration (all at once) failed"; done
   t1=$(date +%s)
-  $PYTHON benchmarks/time_sweeps.py --steps "$CAL_STEPS" "${sets[@]}" >"$RUNS_DIR/calibrate.in_turn" ||
+  $PYTHON benchmarks/time_sweeps.py --steps "$CAL_STEPS" --warmup "$WARMUP" "${sets[@]}" \
+    >"$RUNS_DIR/calibrate.in_turn" ||
     die "calibration (one after another) failed"
   t2=$(date +%s)
   together=($(for i in "${!sets[@]}"; do cut -f2 "$RUNS_DIR/calibrate.together.$i"; done))
@@ -137,7 +141,9 @@ else
   say "not every process finished in $(( $(date +%s) - t0 )) s (deadline, or an error: see $grid/*/stdout.log);" \
     "run this script again to continue from the checkpoints"
 fi
-for name in "${NAMES[@]}"; do tail -n 1 "$grid/$name/stdout.log" 2>/dev/null | sed "s|^|  $name: |" | tee -a "$REPORT" >&2; done
+for name in "${NAMES[@]}"; do
+  tail -n 1 "$grid/$name/stdout.log" 2>/dev/null | sed "s|^|  $name: |" | tee -a "$REPORT" >&2
+done
 
 n_runs=$(find "$grid" -name config.json 2>/dev/null | wc -l)
 n_done=$(find "$grid" -name metrics.json 2>/dev/null | wc -l)
