@@ -1255,7 +1255,7 @@ class Run:
         """A fresh batch of groups for every run, from its own generators: x (S, B, G, C, 64, 64), shares_content
         (S, B), eps (S, B, G, L) and the permutations' noise u (S, B*G, L), drawn in the order the run alone draws
         them; the images of all runs rendered in one call."""
-        a, (B, G, L) = self.args, (self.args.batch_size, self.args.group_size, self.args.latent_dim)
+        B, G, L = self.args.batch_size, self.args.group_size, self.args.latent_dim
         classes, shares, eps, u = [], [], [], []
         for data_gen, model_gen in zip(self.data_gens, self.model_gens):
             c, s = sample_groups(self.data.factor_sizes, self.content_factors, B, G, data_gen)
@@ -1364,7 +1364,7 @@ class Run:
 
     def load(self, checkpoints, paths):
         """Each run's checkpoint (None: a run starting at step 0) into its slice. Runs resumed together must stand
-        at the same step (their Adam step counts are one)."""
+        at the same step (they share one step counter, and batched, one Adam step count per stacked tensor)."""
         loaded = [(k, c) for k, c in enumerate(checkpoints) if c is not None]
         if not loaded:
             return

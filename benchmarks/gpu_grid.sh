@@ -152,7 +152,7 @@ if [ "$n_done" -gt 0 ] && [ "$n_done" -eq "$n_runs" ]; then
   $PYTHON grouptc.py --summarize "$grid" 2>&1 | tail -n 2 >&2
   cp "$grid/results.md" "$OUT/results.md" 2>/dev/null
 fi
-tar -czf "$OUT/gpu_grid.tar.gz" --exclude=checkpoint.pt --exclude='*.lock' --exclude=.lock -C "$RUNS_DIR" \
+tar -czf "$OUT/gpu_grid.tar.gz" --exclude=checkpoint.pt --exclude=.lock -C "$RUNS_DIR" \
   plan.env $(cd "$RUNS_DIR" && ls -d grid calibrate.* 2>/dev/null)
 say "wrote $OUT/gpu_grid.tar.gz ($(du -h "$OUT/gpu_grid.tar.gz" | cut -f1))"
 [ "$n_done" -eq "$n_runs" ] && [ "$n_runs" -gt 0 ]

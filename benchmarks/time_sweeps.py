@@ -23,9 +23,7 @@ import grouptc as gt  # noqa: E402
 
 def build(flags):
     args = gt.finish_args(gt.parse_args(shlex.split(flags) + ["--out", "unused"]))
-    members = gt.sweep_members(args) if args.sweep else [args]
-    for m in members:
-        gt.check_args(m)
+    members = gt.sweep_members(args) if args.sweep else [args]  # each checked as a run's flags
     return gt.Run(members, gt.resolve_device(args.device))
 
 
