@@ -4,6 +4,11 @@ Paper: L. Tran, S. Asgari Taghanaki, A. H. Khasahmadi, A. Sanghi, "Weakly-superv
 total correlation" (Autodesk AI Lab). Baselines: MLVAE (Bouchacourt et al. 2018) and GVAE (Hosoya 2019), with the
 conventions of disentanglement_lib (Locatello et al. 2020) wherever the paper is silent.
 
+The models learn from groups of observations (pairs) that share every factor of one group of factors: the content
+group c, or the rest \\c. The code splits the same way, z = (z_\\c, z_c). group-tcVAE adds to each observation's
+ELBO a total correlation penalty between z_c and z_\\c (a discriminator D estimates it) and a KL term that pulls
+the members' posteriors over the shared group's dims together.
+
 Run:
     python grouptc.py --model group_tcvae --dataset dsprites               # the official file, downloaded if missing
     python grouptc.py --model group_tcvae --dataset dsprites_procedural    # built-in renderer, no download
@@ -12,27 +17,32 @@ Run:
     python grouptc.py --dataset dsprites_procedural --seed 0,1,2 --gamma 1,8   # a sweep: 6 runs trained together
 
 Where each quantity of the paper lives:
+    groups of observations .................. sample_groups()
     Eq. (1)  WS-ELBO of MLVAE / GVAE ........ group_objective(), with product_posterior() / average_posterior()
     Eq. (2)  TC(z_c, z_\\c) ................... tc_estimate() with the discriminator D; q-bar samples: permute_codes()
              the three factorisations ......... tc_blocks()  (inter | inter_intra | full)
     Eq. (3)  group-tcVAE objective ............ group_objective(): reconstruction(), kl_to_prior(), tc_estimate(),
                                                 group_kl()
              discriminator loss ............... discriminator_loss()
+    one training step (VAE, then D) ......... train_step()
     Sec. 4   MIG, group-MIG ................... mutual_info_matrix(), mig(), group_mig()
     Fig. 3a  MI matrix ........................ plot_mi_matrix()
-    Fig. 3b, 3c, 4 ............................ summarize()
+    Fig. 3b, 3c, 4 ............................ figure_3b(), figure_3c(), figure_4(), via summarize()
     Fig. 5   reconstructions, traversals ...... plot_reconstructions(), plot_traversals()
 
-Sweeps (many runs in one process): Run holds S runs' stacked weights; Bound and over_runs() apply the one
-group_objective() to each run's slice (a loop on the CPU, torch.func.vmap on accelerators); sweep_members().
+Use it as a library (README, "Use it in your own code", has a complete example):
+    classes, shares_content = sample_groups(data.factor_sizes, content_factors, 32, generator=g)  # (32, 2, K)
+    x = data.images(classes.flatten(0, 1)).view(32, 2, C, 64, 64)  # or your own images of those classes
+    terms = train_step(vae, D, vae_opt, d_opt, x, shares_content, "group_tcvae", beta=10, gamma=8, content_dims=5)
+    mig(codes, factors), group_mig(codes, factors, content_latents, content_factors)   # numpy (N, L), (N, K)
 
-Sections: errors and files -> data -> group sampler -> model -> objectives -> metrics -> training -> evaluation and
-figures -> summary of a grid -> command line.
+Sections: the method (group sampler -> model -> objectives -> metrics -> the training step), then the machinery
+(sweeps -> run folders -> data sources -> arguments -> the training loop -> evaluation and figures -> summary ->
+command line).
 """
 
 import argparse
 import contextlib
-import copy
 import csv
 import errno
 import functools
@@ -46,7 +56,6 @@ import signal
 import socket
 import sys
 import time
-import types
 import urllib.request
 from pathlib import Path
 
@@ -60,16 +69,752 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODELS = ("group_tcvae", "mlvae", "gvae")
 TC_LEVELS = ("inter", "inter_intra", "full")
+
+
+# ================================================================================================================
+# THE METHOD
+# ================================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------------
+# The group sampler: each group of observations shares every factor of ONE group of factors (content or
+# non-content, each with probability 1/2); the factors of the other group are drawn anew for every member.
+# Factors live in "class space": an integer class per factor, (..., K).
+# ----------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def device_constant(values, device, dtype=torch.long):
+    """A small constant tensor made once per device: the training step then copies nothing from the host (which
+    also lets the step be captured in a CUDA graph). `values` is a tuple; the tensor must not be modified."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
+def uniform_classes(factor_sizes, shape, generator=None):
+    """Factor classes drawn uniformly and independently: -> LongTensor (*shape, K) on the generator's device."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    sizes = device_constant(tuple(factor_sizes), device)
+    u = torch.rand(*shape, len(factor_sizes), generator=generator, device=device, dtype=torch.float64)
+    return torch.minimum((u * sizes).long(), sizes - 1)  # the min guards u * size rounding up to size
+
+
+def sample_groups(factor_sizes, content_factors, batch_size, group_size=2, generator=None):
+    """-> classes (batch_size, group_size, K) LongTensor, shares_content (batch_size,) BoolTensor.
+    content_factors: indices of the content factors. Every draw comes from `generator` and lives on its device, so
+    a seed reproduces the batch."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    K = len(factor_sizes)
+    classes = uniform_classes(factor_sizes, (batch_size, group_size), generator)  # independent for every member
+    shares_content = torch.rand(batch_size, generator=generator, device=device) < 0.5
+    is_content = device_constant(tuple(k in content_factors for k in range(K)), device, torch.bool)
+    shared = is_content[None] == shares_content[:, None]  # (B, K): the factors this group shares
+    classes = torch.where(shared[:, None, :], classes[:, :1, :], classes)  # copy the first member's classes
+    return classes, shares_content
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: disentanglement_lib's conv encoder / deconv decoder (64x64 inputs), and the FactorVAE discriminator D.
+# The latent z = (z_\c, z_c): z_\c the first latent_dim - content_dims dims, z_c the last content_dims (Fig. 3a).
+# ----------------------------------------------------------------------------------------------------------------
+class VAE(nn.Module):
+    def __init__(self, channels=1, latent_dim=10):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, 32, 4, 2, 1), nn.ReLU(),  # 32x32
+            nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),  # 16x16
+            nn.Conv2d(32, 64, 2, 2), nn.ReLU(),  # 8x8
+            nn.Conv2d(64, 64, 2, 2), nn.ReLU(),  # 4x4
+            nn.Flatten(), nn.Linear(1024, 256), nn.ReLU(),
+            nn.Linear(256, 2 * latent_dim))  # mean and log-variance heads, as one layer
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, 256), nn.ReLU(), nn.Linear(256, 1024), nn.ReLU(), nn.Unflatten(1, (64, 4, 4)),
+            nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(),  # 8x8
+            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),  # 16x16
+            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),  # 32x32
+            nn.ConvTranspose2d(32, channels, 4, 2, 1))  # 64x64 logits
+
+    def encode(self, x):
+        """(N, C, 64, 64) -> mu, logvar, each (N, L)."""
+        return self.encoder(x).chunk(2, dim=-1)
+
+    def decode(self, z):
+        """(N, L) -> (N, C, 64, 64) Bernoulli logits."""
+        return self.decoder(z)
+
+
+class Discriminator(nn.Module):
+    """FactorVAE's D: 6 hidden layers of 1000, LeakyReLU(0.2), 2 logits (0: joint q(z), 1: factorised q-bar(z))."""
+
+    def __init__(self, latent_dim=10, hidden=1000, layers=6):
+        super().__init__()
+        sizes = [latent_dim] + [hidden] * layers
+        blocks = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            blocks += [nn.Linear(a, b), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*blocks, nn.Linear(hidden, 2))
+
+    def forward(self, z):
+        return self.net(z)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objectives: one small function per quantity of the paper, assembled in group_objective().
+# Shapes: B groups, G observations per group, L latent dims; mu, logvar (B, G, L).
+# ----------------------------------------------------------------------------------------------------------------
+def reconstruction(logits, x):
+    """-log p(x|z), Bernoulli on logits, summed over pixels: (N, C, H, W) x2 -> (N,)."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+def kl_to_prior(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)) per dim: (..., L) -> (..., L)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+
+
+def gaussian_kl(mu1, logvar1, mu2, logvar2):
+    """KL(N(mu1, var1) || N(mu2, var2)) per dim, broadcasting."""
+    return 0.5 * (logvar2 - logvar1 + (logvar1.exp() + (mu1 - mu2).pow(2)) / logvar2.exp() - 1)
+
+
+def average_posterior(mu, logvar):
+    """GVAE (Hosoya 2019): the group's posterior averages the members' means and VARIANCES over G:
+    (B, G, L) -> (B, 1, L)."""
+    return mu.mean(1, keepdim=True), logvar.exp().mean(1, keepdim=True).log()
+
+
+def product_posterior(mu, logvar):
+    """MLVAE (Bouchacourt 2018): the normalised product of the members' Gaussians: precision-weighted mean,
+    variance 1 / sum(1 / var_i). (B, G, L) -> (B, 1, L).
+    NOTE: disentanglement_lib uses 2*v1*v2/(v1+v2) for pairs, twice this variance; we use the true product, as
+    Bouchacourt et al. define it (the test checks it against the closed form)."""
+    precision = (-logvar).exp()  # (B, G, L)
+    var = 1.0 / precision.sum(1, keepdim=True)
+    return var * (mu * precision).sum(1, keepdim=True), var.log()
+
+
+def group_kl(mu, logvar, shared):
+    """gamma's term of Eq. (3): KL between the members' posteriors over the dims of the shared group, both
+    directions, averaged over the G(G-1) ordered pairs of a group (for a pair: (KL(q1||q2) + KL(q2||q1)) / 2,
+    the per-image share of the sum over z~ in {z, z'}), summed over dims, averaged over groups.
+    mu, logvar (B, G, L); shared (B, L) bool -> scalar."""
+    G = mu.shape[1]
+    kl = gaussian_kl(mu[:, :, None], logvar[:, :, None], mu[:, None], logvar[:, None])  # (B, G, G, L), diag 0
+    return (kl * shared[:, None, None]).sum((1, 2, 3)).mean() / (G * (G - 1))
+
+
+@functools.lru_cache(maxsize=None)
+def tc_blocks(level, latent_dim, content_dims):
+    """Which dims are permuted together to sample the factorised q-bar of each TC level (Sec. 3), as a block id per
+    dim (z_\\c first, z_c last): inter: [z_\\c][z_c]; inter_intra: every z_\\c dim alone, z_c one block; full:
+    every dim alone (FactorVAE). -> tuple of L ints."""
+    n_s = latent_dim - content_dims
+    if level == "inter":
+        return (0,) * n_s + (1,) * content_dims
+    if level == "inter_intra":
+        return tuple(range(n_s)) + (n_s,) * content_dims
+    if level == "full":
+        return tuple(range(latent_dim))
+    raise ValueError(f"unknown TC level {level!r}; expected one of {', '.join(TC_LEVELS)}")
+
+
+def permute_codes(z, blocks, generator=None, u=None):
+    """Samples of q-bar: each block of dims gets its own random permutation of the N codes (rows).
+    z (N, L), blocks: L block ids in [0, L) (tc_blocks()) -> (N, L). u: the (N, L) uniform noise that orders the
+    permutations, drawn from `generator` when not given."""
+    u = torch.rand(z.shape, generator=generator, device=z.device) if u is None else u
+    perm = u.argsort(0)  # (N, L): one permutation per possible block
+    return z.gather(0, perm[:, device_constant(tuple(blocks), z.device)])  # a block's dims share its permutation
+
+
+def tc_estimate(logits):
+    """Density-ratio trick (Kim & Mnih 2018): TC ~= E_q[log D_joint(z) - log D_factorised(z)] = mean of the
+    logit difference. logits (N, 2) -> scalar. Computed in fp32."""
+    logits = logits.float()
+    return (logits[:, 0] - logits[:, 1]).mean()
+
+
+def discriminator_loss(D, z, z_perm):
+    """D's loss on DETACHED codes, 0.5 * (CE(D(z), joint) + CE(D(z_perm), factorised)); also its accuracy."""
+    logits = D(torch.cat([z.detach(), z_perm.detach()])).float()
+    target = torch.cat([torch.zeros(len(z), dtype=torch.long, device=z.device),
+                        torch.ones(len(z_perm), dtype=torch.long, device=z.device)])
+    return F.cross_entropy(logits, target), (logits.argmax(1) == target).float().mean()
+
+
+def shared_dims(shares_content, latent_dim, content_dims):
+    """(B,) bool -> (B, L) bool: the latent dims of the group each group of observations shares."""
+    is_content = torch.arange(latent_dim, device=shares_content.device) >= latent_dim - content_dims
+    return is_content[None] == shares_content[:, None]
+
+
+OBJECTIVES = ("group_tcvae", "mlvae", "gvae")  # what group_objective() computes
+
+
+def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims, generator=None, eps=None):
+    """The loss of one batch of groups, for each model. Returns (loss, terms, z): terms holds each term's value per
+    image; z (B*G, L) the sampled codes (D's training data).
+
+    model: "group_tcvae" (Eq. 3), "mlvae" or "gvae" (Eq. 1). vae: anything with encode(x) -> (mu, logvar), each
+    (N, L), and decode(z) -> Bernoulli logits shaped like x. D: the discriminator (group-tcVAE only; None for the
+    others), called on codes (N, L) -> logits (N, 2); the caller freezes its parameters (train_step does).
+    x (B, G, C, H, W): B groups of G observations; shares_content (B,) bool: whether each group shares the content
+    factors (else the others). The code is z = (z_\\c, z_c): z_c is its LAST content_dims dims.
+    beta: group-tcVAE: the weight of TC(z_c, z_\\c) (the prior KL has weight 1); MLVAE/GVAE: the weight of the KL
+    of the (aggregated) posterior to N(0, I). gamma: group-tcVAE: the weight of the group KL; unused otherwise.
+    eps (B, G, L): the reparameterisation noise, drawn from `generator` when not given.
+    Every term is per image: the paper's sums over the G members of a group are averaged instead, as
+    disentanglement_lib's 0.5 * (rec1 + rec2) does, so beta and gamma keep their meaning for any G."""
+    if model not in OBJECTIVES:
+        raise ValueError(f"unknown model {model!r}; expected one of {', '.join(OBJECTIVES)}")
+    if x.dim() != 5 or x.shape[1] < 2 or tuple(shares_content.shape) != (x.shape[0],):
+        raise ValueError(f"expected x (B, G >= 2, C, H, W) and shares_content (B,), got {tuple(x.shape)} and "
+                         f"{tuple(shares_content.shape)}")
+    if model == "group_tcvae" and D is None:
+        raise ValueError("group_tcvae needs the discriminator D")
+    B, G = x.shape[:2]
+    mu, logvar = (t.float().view(B, G, -1) for t in vae.encode(x.flatten(0, 1)))
+    if not 0 < content_dims < mu.shape[-1]:
+        raise ValueError(f"content_dims must be in 1..{mu.shape[-1] - 1} (both latent groups non-empty), got "
+                         f"{content_dims}")
+    shared = shared_dims(shares_content, mu.shape[-1], content_dims)  # (B, L)
+    if model in ("mlvae", "gvae"):
+        # Eq. (1): the shared group's dims take the group's aggregated posterior; the others keep their own.
+        mu_g, logvar_g = (product_posterior if model == "mlvae" else average_posterior)(mu, logvar)
+        mu, logvar = torch.where(shared[:, None], mu_g, mu), torch.where(shared[:, None], logvar_g, logvar)
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device) if eps is None else eps
+    z = (mu + eps * (0.5 * logvar).exp()).flatten(0, 1)  # (B*G, L), reparameterised
+    rec = reconstruction(vae.decode(z).float(), x.flatten(0, 1)).mean()
+    kl = kl_to_prior(mu, logvar).sum(-1).mean()
+    if model != "group_tcvae":
+        return rec + beta * kl, {"rec": rec, "kl": kl}, z  # Eq. (1)
+    # Eq. (3), read as a loss to minimise. NOTE: as printed, Eq. (3) subtracts (beta*TC - gamma*KL), which would
+    # REWARD a large KL between the shared latents; the text says that term pulls them together, so it is added.
+    with torch.autocast(z.device.type, enabled=False):
+        tc = tc_estimate(D(z.float()))  # gradients reach the encoder; D's own parameters are frozen by the caller
+    gkl = group_kl(mu, logvar, shared)
+    return rec + kl + beta * tc + gamma * gkl, {"rec": rec, "kl": kl, "tc": tc, "group_kl": gkl}, z
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics: disentanglement_lib's discrete MIG, and the paper's group-MIG, on the same plug-in MI estimator.
+# The histogram MI is Numba-jitted (cached on disk, compiled once).
+# ----------------------------------------------------------------------------------------------------------------
+_mi_kernel = None
+
+
+def _get_mi_kernel():
+    """Compile (or load from Numba's cache) the two Numba kernels, the joint histograms and the columns' ranges, on
+    first use: `import grouptc` stays fast."""
+    global _mi_kernel
+    if _mi_kernel is None:
+        import numba
+
+        @numba.njit(parallel=True, cache=True)
+        def kernel(codes, edges, factors, n_classes, n_chunks):
+            """codes (N, L) float64; edges (L, n_bins) left bin edges; factors (N, K) int64 in [0, n_classes);
+            n_chunks: parts of N counted in parallel.
+            -> (L, K) plug-in MI in nats of digitize(codes[:, i], edges[i]) and factors[:, k]; (K,) entropies."""
+            N, L = codes.shape
+            K = factors.shape[1]
+            n_bins = edges.shape[1]
+            inverse_width = np.empty(L)
+            for i in range(L):
+                inverse_width[i] = (n_bins - 1) / (edges[i, n_bins - 1] - edges[i, 0]) if n_bins > 1 else 0.0
+            counts = np.zeros((n_chunks, L, K, n_bins + 1, n_classes), np.int64)  # joint tables: bin label x class
+            for chunk in numba.prange(n_chunks):
+                for n in range(chunk * N // n_chunks, (chunk + 1) * N // n_chunks):
+                    for i in range(L):
+                        x, e = codes[n, i], edges[i]
+                        # numpy.digitize(x, e) = the number of left edges <= x, in 1..n_bins: guess it from the
+                        # bin width, then step to the exact answer against the very edges numpy made.
+                        b = min(max(int((x - e[0]) * inverse_width[i]) + 1, 1), n_bins)
+                        while b < n_bins and x >= e[b]:
+                            b += 1
+                        while b > 1 and x < e[b - 1]:
+                            b -= 1
+                        for k in range(K):
+                            counts[chunk, i, k, b, factors[n, k]] += 1
+            joint = counts.sum(axis=0)  # (L, K, n_bins + 1, vmax)
+            mi, H = np.zeros((L, K)), np.zeros(K)
+            for k in range(K):
+                col = joint[0, k].sum(axis=0)  # (n_classes,) factor counts
+                for v in range(n_classes):
+                    if col[v] > 0:
+                        H[k] -= col[v] / N * math.log(col[v] / N)
+                for i in range(L):
+                    total = 0.0
+                    for b in range(1, n_bins + 1):
+                        row = joint[i, k, b].sum()  # bin counts
+                        for v in range(n_classes):
+                            c = joint[i, k, b, v]
+                            if c > 0:
+                                total += c / N * (math.log(c * N) - math.log(row * col[v]))
+                    mi[i, k] = total
+            return mi, H
+
+        @numba.njit(parallel=True, cache=True)
+        def ranges(codes, n_chunks):
+            """codes (N, L) float64 -> per-column min, max, and the count of NaN / infinite entries (one pass)."""
+            N, L = codes.shape
+            lo, hi = np.full((n_chunks, L), np.inf), np.full((n_chunks, L), -np.inf)
+            bad = np.zeros(n_chunks, np.int64)
+            for chunk in numba.prange(n_chunks):
+                for n in range(chunk * N // n_chunks, (chunk + 1) * N // n_chunks):
+                    for i in range(L):
+                        x = codes[n, i]
+                        if not np.isfinite(x):
+                            bad[chunk] += 1
+                        lo[chunk, i] = min(lo[chunk, i], x)
+                        hi[chunk, i] = max(hi[chunk, i], x)
+            return lo, hi, bad.sum()  # (n_chunks, L) each: the caller takes the min / max over chunks
+
+        # Numba's OpenMP layer, starting its threads on the first parallel call, sets the process's OpenMP thread
+        # count to every core, and that count is torch's too (OMP_NUM_THREADS notwithstanding): training after an
+        # evaluation would run on other threads than asked, and sum in another order. Start them here, once, and
+        # put torch's count back; after this no metric call changes it.
+        threads = torch.get_num_threads()
+        ranges(np.zeros((1, 1)), 1)
+        torch.set_num_threads(threads)
+        _mi_kernel = kernel, ranges
+    return _mi_kernel
+
+
+def _factor_labels(factors):
+    """(N, K) integer classes -> (N, K) int64 labels and one bound n_classes > every label (classes are used as
+    they are when they are small non-negative integers, else replaced by their rank); unused classes count 0."""
+    factors = np.asarray(factors)
+    if not np.issubdtype(factors.dtype, np.integer) or factors.ndim != 2:
+        raise ValueError(f"factors must be an integer (N, K) array, got {factors.dtype} {factors.shape}")
+    if len(factors) and factors.min() >= 0 and factors.max() < 1024:
+        labels = np.ascontiguousarray(factors, dtype=np.int64)
+    else:
+        labels = np.stack([np.unique(f, return_inverse=True)[1].reshape(-1) for f in factors.T], 1).astype(np.int64)
+    return labels, int(labels.max()) + 1 if labels.size else 1  # one bound: a per-column max is slow
+
+
+def mutual_info_and_entropy(codes, factors, n_bins=20):
+    """(L, K) plug-in MI in nats between each code dim, cut into n_bins equal-width bins between its min and max
+    (numpy.histogram's edges, numpy.digitize's labels), and each factor; and the (K,) factor entropies.
+    codes (N, L) float, factors (N, K) integer classes."""
+    import numba
+    codes = np.ascontiguousarray(codes, dtype=np.float64)
+    if codes.ndim != 2 or len(codes) != len(factors) or len(codes) == 0:
+        raise ValueError(f"codes must be (N, L) with N = len(factors) = {len(factors)} > 0, got {codes.shape}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    kernel, ranges = _get_mi_kernel()
+    lo, hi, n_bad = ranges(codes, numba.get_num_threads())
+    lo, hi = lo.min(0), hi.max(0)
+    if n_bad:
+        raise ValueError(f"codes contain {n_bad} NaN or infinite values")
+    labels, n_classes = _factor_labels(factors)
+    # numpy.histogram's edges: linspace(min, max, n_bins + 1), widened by 0.5 on each side for a constant dim.
+    flat = lo == hi
+    lo, hi = np.where(flat, lo - 0.5, lo), np.where(flat, hi + 0.5, hi)
+    edges = np.stack([np.linspace(a, b, n_bins + 1)[:-1] for a, b in zip(lo, hi)])  # (L, n_bins)
+    return kernel(codes, edges, labels, n_classes, numba.get_num_threads())
+
+
+def mutual_info_matrix(codes, factors, n_bins=20):
+    """(L, K) plug-in MI in nats between each binned code dim and each factor (see mutual_info_and_entropy)."""
+    return mutual_info_and_entropy(codes, factors, n_bins)[0]
+
+
+def _gap_score(gaps, H):
+    """mean over factors with H > 0 of gap / H; factors with one value are left out."""
+    keep = H > 0
+    return float(np.mean(gaps[keep] / H[keep]))
+
+
+def mig_from_matrix(mi, H):
+    """MIG from an (L, K) MI matrix and the (K,) factor entropies."""
+    return _gap_score(mig_gaps(mi), H)
+
+
+def mig_gaps(mi):
+    """Per factor: the largest I(z_i; v_k) over the latents minus the second largest. (L, K) -> (K,)"""
+    top = np.sort(mi, axis=0)[::-1]
+    return top[0] - top[1]
+
+
+def group_mig_from_matrix(mi, H, content_latents, content_factors):
+    """group-MIG from an (L, K) MI matrix and the (K,) factor entropies (see group_mig)."""
+    return _gap_score(group_gaps(mi, content_latents, content_factors), H)
+
+
+def group_gaps(mi, content_latents, content_factors):
+    """Per factor: max I over the latents of the factor's own group - max I over the other latents. (L, K) -> (K,)"""
+    L, K = mi.shape
+    content_latents, content_factors = list(content_latents), list(content_factors)
+    if not (content_latents and content_factors and all(0 <= i < L for i in content_latents)
+            and all(0 <= k < K for k in content_factors)) or len(set(content_latents)) == L \
+            or len(set(content_factors)) == K:
+        raise ValueError(f"content_latents {content_latents} and content_factors {content_factors} must each name "
+                         f"some, not all, of the {L} latents and {K} factors")
+    own = np.isin(np.arange(L), content_latents)[:, None] == np.isin(np.arange(K), content_factors)[None, :]
+    return np.where(own, mi, -np.inf).max(0) - np.where(~own, mi, -np.inf).max(0)
+
+
+def mig(codes, factors, n_bins=20):
+    """Mutual Information Gap (disentanglement_lib's discrete MIG): mean over factors of the gap between the two
+    largest I(z_i; v_k), over H(v_k). Factors with one value are left out."""
+    return mig_from_matrix(*mutual_info_and_entropy(codes, factors, n_bins))
+
+
+def group_mig(codes, factors, content_latents, content_factors, n_bins=20):
+    """group-MIG (paper, Sec. 4): mean over factors of (max I over the latents of the factor's own group - max I
+    over the other latents) / H(v_k). Negative when information sits in the wrong group. content_latents: indices
+    of the z_c dims (columns of `codes`); content_factors: indices of the content factors (columns of `factors`)."""
+    mi, H = mutual_info_and_entropy(codes, factors, n_bins)
+    return group_mig_from_matrix(mi, H, content_latents, content_factors)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training step: the VAE's update with D frozen, then D's update on the detached codes.
+# ----------------------------------------------------------------------------------------------------------------
+def train_step(vae, D, vae_opt, d_opt, x, shares_content, model="group_tcvae", beta=10.0, gamma=8.0, content_dims=5,
+               tc_level="inter", generator=None, amp=False):
+    """One optimisation step on one batch of groups x (B, G, C, H, W), shares_content (B,) (see group_objective).
+    vae, D: modules (D and d_opt None for MLVAE and GVAE); vae_opt, d_opt: their optimisers. generator: the
+    source of the reparameterisation noise and of the permutations. amp: bf16 autocast for the forward passes.
+    Returns {term: detached scalar tensor}: loss and the objective's terms, then D's loss and accuracy; nothing
+    waits for the device."""
+    if model == "group_tcvae" and (D is None or d_opt is None):
+        raise ValueError("group_tcvae trains a discriminator: give D and d_opt")
+    autocast = functools.partial(torch.autocast, x.device.type, dtype=torch.bfloat16, enabled=amp,
+                                 cache_enabled=False)
+    # 1. The VAE's step. D is frozen: the TC term's gradient reaches the encoder through D, never D itself.
+    if D is not None:
+        D.requires_grad_(False)
+    with autocast():
+        loss, terms, z = group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims, generator)
+    vae_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    vae_opt.step()
+    out = {"loss": loss.detach(), **{name: t.detach() for name, t in terms.items()}}
+    if model != "group_tcvae":
+        return out
+    # 2. D's step: the codes of step 1, DETACHED (D's loss must not reach the encoder), against a fresh
+    # permutation of them (samples of q-bar). FactorVAE ports that reuse D(z) after the VAE's optimiser has
+    # stepped fail here with an in-place autograd error.
+    D.requires_grad_(True)
+    z = z.detach()
+    with autocast():
+        z_perm = permute_codes(z, tc_blocks(tc_level, z.shape[1], content_dims), generator)
+        d_loss, d_acc = discriminator_loss(D, z, z_perm)
+    d_opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    d_opt.step()
+    return out | {"d_loss": d_loss.detach(), "d_acc": d_acc.detach()}
+
+
+# ================================================================================================================
+# THE MACHINERY: sweeps, run folders, data sources, arguments, the training loop, evaluation, figures, summary
+# ================================================================================================================
+class ModelSpec:
+    """What the machinery knows of a model: its default beta and gamma, the terms train_step() returns for it (the
+    columns of log.csv), how the summary draws it, and whether it is a baseline with an aggregated posterior
+    (Figures 3b, 3c). A new model is an entry here and its branch in group_objective()."""
+
+    def __init__(self, beta, gamma, terms, color, baseline):
+        self.beta, self.gamma, self.terms, self.color, self.baseline = beta, gamma, terms, color, baseline
+
+
+MODELS = {
+    # the paper's grid: beta {10..100}, gamma {1..64}; see README "Defaults"
+    "group_tcvae": ModelSpec(10.0, 8.0, ("loss", "rec", "kl", "tc", "group_kl", "d_loss", "d_acc"), "tab:red", False),
+    # Locatello et al. 2020's grid {1, 2, 4, 6, 8, 16}: its first value; gamma unused
+    "mlvae": ModelSpec(1.0, 0.0, ("loss", "rec", "kl"), "tab:blue", True),
+    "gvae": ModelSpec(1.0, 0.0, ("loss", "rec", "kl"), "tab:green", True),
+}
 DATASETS = ("dsprites", "shapes3d", "dsprites_procedural", "shapes3d_procedural")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Errors: bad input from the user is a UserError, printed as one clear line by main(), never a traceback.
+# Runs and sweeps: a Run holds one run's networks, optimisers and generators; a Sweep trains S runs together.
 # ----------------------------------------------------------------------------------------------------------------
-class UserError(Exception):
-    """A problem with the user's input (a flag, a data file): the message says what was wrong and what was
+def adam(params, net, device, capturable=False):
+    """The optimisers of the reference code: the VAE's Adam(1e-4, (0.9, 0.999)), D's Adam(1e-4, (0.5, 0.9)).
+    CUDA: fused and, for the CUDA graph, capturable (one kernel, inside the graph). CPU: the default Adam, which
+    computes the runs of docs/cpu_study byte for byte (the fused one was 0-4% faster there and rounds differently)."""
+    fused = {"fused": True, "capturable": capturable} if device.type == "cuda" else {}
+    betas = (0.9, 0.999) if net == "vae" else (0.5, 0.9)
+    return torch.optim.Adam(params, lr=1e-4, betas=betas, eps=1e-8, **fused)
+
+
+class Run:
+    """One run: its flags (args), its networks and optimisers (always the trained ones), its generators and the
+    step it stands at. Alone or in a sweep it computes the same thing: it draws from its own generators, seeded
+    from its --seed."""
+
+    def __init__(self, args, data, content_factors, device):
+        self.args, self.data, self.content_factors, self.device = args, data, content_factors, device
+        torch.manual_seed(args.seed)  # network initialisation
+        self.vae = VAE(data.channels, args.latent_dim).to(device)
+        self.D = Discriminator(args.latent_dim).to(device) if args.model == "group_tcvae" else None
+        capturable = device.type == "cuda" and not args.eager
+        self.vae_opt = adam(self.vae.parameters(), "vae", device, capturable)
+        self.d_opt = adam(self.D.parameters(), "D", device, capturable) if self.D is not None else None
+        self.data_gen = torch.Generator(device=device).manual_seed(args.seed)  # groups
+        self.model_gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)  # noise, permutations
+        self.step, self.train_seconds = 0, 0.0
+        if args.compile:  # in place: the parameter names stay, so checkpoints load either way
+            for module in (self.vae.encoder, self.vae.decoder, self.D):
+                if module is not None:
+                    module.compile()
+
+    def sample(self):
+        """A fresh batch of groups from the run's data generator: classes (B, G, K), shares_content (B,)."""
+        a = self.args
+        return sample_groups(self.data.factor_sizes, self.content_factors, a.batch_size, a.group_size, self.data_gen)
+
+    def next_step(self):
+        """One train_step() on a fresh batch -> its terms as a (n_terms,) tensor, in MODELS[model].terms order."""
+        a = self.args
+        classes, shares = self.sample()
+        x = self.data.images(classes.flatten(0, 1)).view(*classes.shape[:2], self.data.channels, 64, 64)
+        terms = train_step(self.vae, self.D, self.vae_opt, self.d_opt, x, shares, a.model, a.beta, a.gamma,
+                           a.content_dims, a.tc_level, self.model_gen, amp=self.device.type == "cuda")
+        return torch.stack([terms[name] for name in MODELS[a.model].terms])
+
+    def state(self, log_sum, log_count, optimizers=None):
+        """The run's checkpoint: tensors and plain types only, so that it loads with weights_only=True.
+        optimizers: the (vae_opt, d_opt) state dicts, when a StackedRuns holds them."""
+        vae_opt, d_opt = optimizers or (self.vae_opt.state_dict(), self.d_opt.state_dict() if self.d_opt else None)
+        weights = lambda m: {n: t.detach().clone() for n, t in m.state_dict().items()}  # noqa: E731 (not views)
+        return {"step": self.step, "train_seconds": self.train_seconds, "args": public_args(self.args),
+                "vae": weights(self.vae), "vae_opt": vae_opt, "D": weights(self.D) if self.D is not None else None,
+                "d_opt": d_opt, "data_gen": self.data_gen.get_state(), "model_gen": self.model_gen.get_state(),
+                "log_sum": log_sum, "log_count": log_count}
+
+    def load(self, checkpoint, path):
+        """A checkpoint (load_checkpoint()) into this run: weights, optimisers, generators, step."""
+        c = checkpoint
+        try:
+            self.vae.load_state_dict(c["vae"])
+            load_adam(self.vae_opt, c["vae_opt"])
+            if self.D is not None:
+                self.D.load_state_dict(c["D"])
+                load_adam(self.d_opt, c["d_opt"])
+            try:
+                self.data_gen.set_state(c["data_gen"])
+                self.model_gen.set_state(c["model_gen"])
+            except RuntimeError:  # saved on another kind of device: its generator states do not fit these
+                print(f"note: the checkpoint's generators belong to another device; continuing with generators "
+                      f"seeded from --seed and step {c['step']}", file=sys.stderr)
+                self.data_gen.manual_seed(self.args.seed + 2 * c["step"])
+                self.model_gen.manual_seed(self.args.seed + 2 * c["step"] + 1)
+            self.step, self.train_seconds = int(c["step"]), float(c["train_seconds"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as error:
+            raise UserError(f"the checkpoint {path} does not fit the run its flags describe "
+                            f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+
+
+def load_adam(opt, saved):
+    """A saved Adam state into `opt`: the saved hyperparameters and moments, into memory of its own (not the
+    memory-mapped checkpoint's), keeping this optimiser's implementation (fused, capturable: the device's)."""
+    own = opt.param_groups[0]
+    groups = [dict(g, **{k: own[k] for k in ("fused", "capturable", "foreach", "differentiable") if k in own})
+              for g in saved["param_groups"]]
+    state = {i: {name: v.clone() for name, v in s.items()} for i, s in saved["state"].items()}
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class Bound:
+    """A module computed with other parameters (torch.func.functional_call): Bound(vae, p).encode(x) runs
+    VAE.encode with the weights p, so that one definition of the networks serves every run of a StackedRuns."""
+
+    def __init__(self, module, params):
+        self.module, self.params = module, params
+
+    def __call__(self, *args):
+        return torch.func.functional_call(self.module, self.params, args)
+
+    def __getattr__(self, name):
+        attr = getattr(self.module, name)
+        if isinstance(attr, nn.Module):  # a submodule, with its share of the parameters
+            prefix = name + "."
+            return Bound(attr, {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)})
+        if callable(attr):  # a method (encode, decode), run on this Bound
+            return functools.partial(getattr(type(self.module), name), self)
+        return attr
+
+
+class StackedRuns:
+    """Accelerators: the S runs of a sweep as one computation, torch.func.vmap over their stacked weights (a few
+    large kernels instead of S times a few hundred small ones). Each run's modules keep showing its weights (views
+    of the stacked storage); one Adam updates the stacked tensors, which is each run's own Adam (Adam is
+    elementwise). Each run draws what its train_step() would, from its own generators, and gets the gradient of its
+    own loss: the tests check every member against the run alone."""
+
+    def __init__(self, runs):
+        self.runs, first = runs, runs[0]
+        self.vae_params, self.vae_opt = self._stack("vae", "vae_opt")
+        self.d_params, self.d_opt = self._stack("D", "d_opt") if first.D is not None else ({}, None)
+        self.beta = torch.tensor([float(r.args.beta) for r in runs], device=first.device)
+        self.gamma = torch.tensor([float(r.args.gamma) for r in runs], device=first.device)
+
+    def _stack(self, net, opt):
+        """The runs' weights of one network stacked (and the runs' modules turned into views of them), with one
+        Adam over them holding the runs' Adam states stacked. The runs' own optimisers are dropped."""
+        modules = [getattr(r, net) for r in self.runs]
+        stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in modules])
+                   for n, _ in modules[0].named_parameters()}
+        for k, m in enumerate(modules):
+            for n, p in m.named_parameters():
+                p.data = stacked[n][k]
+        params = {n: t.requires_grad_() for n, t in stacked.items()}
+        first = self.runs[0]
+        stacked_opt = adam(params.values(), net, first.device, first.device.type == "cuda" and not first.args.eager)
+        states = [getattr(r, opt).state_dict()["state"] for r in self.runs]
+        if states[0]:  # resumed: each run's Adam moments, stacked (one step count: the runs stand at one step)
+            stacked_opt.load_state_dict({"state": {i: {name: v if name == "step" else torch.stack(
+                [s[i][name] for s in states]) for name, v in s0.items()} for i, s0 in states[0].items()},
+                "param_groups": stacked_opt.state_dict()["param_groups"]})
+        for r in self.runs:
+            setattr(r, opt, None)  # the stacked Adam holds its state: optimizer_states(k)
+        return params, stacked_opt
+
+    def optimizer_states(self, k):
+        """Run k's share of the stacked Adams, as the state dicts of an Adam over its own weights."""
+        def share(opt):
+            sd = opt.state_dict()
+            return {"state": {i: {name: (v if name == "step" else v[k]).detach().clone() for name, v in s.items()}
+                              for i, s in sd["state"].items()}, "param_groups": sd["param_groups"]}
+        return share(self.vae_opt), share(self.d_opt) if self.d_opt is not None else None
+
+    def next_step(self):
+        """One step of every run -> (S, n_terms) tensor of their terms."""
+        first, a = self.runs[0], self.runs[0].args
+        B, G, L = a.batch_size, a.group_size, a.latent_dim
+        classes, shares, eps, u = [], [], [], []
+        for r in self.runs:  # each run's draws, in the order its train_step() draws them
+            c, s = r.sample()
+            classes.append(c)
+            shares.append(s)
+            eps.append(torch.randn((B, G, L), generator=r.model_gen, device=r.device))
+            if first.D is not None:
+                u.append(torch.rand((B * G, L), generator=r.model_gen, device=r.device))
+        x = first.data.images(torch.cat(classes).flatten(0, 1)).view(len(self.runs), B, G, first.data.channels, 64, 64)
+        autocast = functools.partial(torch.autocast, first.device.type, dtype=torch.bfloat16,
+                                     enabled=first.device.type == "cuda", cache_enabled=False)
+        vae, D = first.vae, first.D
+        frozen_d = {n: p.detach() for n, p in self.d_params.items()}  # the VAE's step never moves D
+
+        def vae_loss(vae_p, d_p, x, shares, eps, beta, gamma):
+            with autocast():
+                D_p = Bound(D, d_p) if D is not None else None
+                loss, terms, z = group_objective(a.model, Bound(vae, vae_p), D_p, x, shares, beta, gamma,
+                                                 a.content_dims, eps=eps)
+            return loss, torch.stack(list(terms.values())), z
+
+        loss, terms, z = torch.func.vmap(vae_loss)(self.vae_params, frozen_d, x, torch.stack(shares),
+                                                   torch.stack(eps), self.beta, self.gamma)
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.sum().backward()  # each run's weights get exactly the gradient of its own loss
+        self.vae_opt.step()
+        values = [loss.detach()[:, None], terms.detach()]
+        if D is not None:
+            blocks = tc_blocks(a.tc_level, L, a.content_dims)
+
+            def d_loss(d_p, z, u):
+                with autocast():
+                    return discriminator_loss(Bound(D, d_p), z, permute_codes(z, blocks, u=u))
+
+            d_losses, d_acc = torch.func.vmap(d_loss)(self.d_params, z.detach(), torch.stack(u))
+            self.d_opt.zero_grad(set_to_none=True)
+            d_losses.sum().backward()
+            self.d_opt.step()
+            values += [d_losses.detach()[:, None], d_acc.detach()[:, None]]
+        return torch.cat([v.float() for v in values], 1)
+
+
+class CudaGraphStep:
+    """CUDA: a step function run eagerly for a few warm-up steps (on a side stream, as CUDA asks: lazy optimiser
+    state, cuBLAS handles), then captured once as a CUDA graph and replayed: one launch instead of hundreds, the
+    same computation. The generators are registered with the graph, so each replay draws fresh numbers."""
+
+    WARMUP = 3
+
+    def __init__(self, step, generators, device):
+        self.step, self.generators, self.device = step, generators, device
+        self.graph, self.warmed, self.failed = None, 0, False
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.values.clone()
+        if self.failed:
+            return self.step()
+        if self.warmed < self.WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                values = self.step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.warmed += 1
+            return values
+        graph = torch.cuda.CUDAGraph()
+        for generator in self.generators:
+            graph.register_generator_state(generator)
+        try:
+            with torch.cuda.graph(graph):
+                self.values = self.step()
+        except RuntimeError as error:  # speed only: the eager step computes the same thing
+            print(f"warning: CUDA graph capture failed ({error}); training continues without it", file=sys.stderr)
+            self.failed = True
+            return self.step()
+        self.graph = graph
+        graph.replay()  # capturing records the step without running it
+        return self.values.clone()
+
+
+class Sweep:
+    """The runs one process trains together: S runs that share model, data set and shapes and differ in seed, beta
+    and gamma (S = 1: an ordinary run). train_step() steps every run once: on the CPU each run's own train_step()
+    in turn, on accelerators one StackedRuns computation; on CUDA either way is one captured CUDA graph."""
+
+    BATCHED = None  # None: StackedRuns on accelerators when S > 1, the loop on the CPU; True / False: always
+
+    def __init__(self, runs):
+        self.runs, device = runs, runs[0].device
+        batched = (device.type != "cpu" and len(runs) > 1) if self.BATCHED is None else self.BATCHED
+        self.stacked = StackedRuns(runs) if batched else None
+        self.batched = batched
+        self.graph = None
+        if device.type == "cuda" and not runs[0].args.eager:
+            generators = [g for r in runs for g in (r.data_gen, r.model_gen)]
+            self.graph = CudaGraphStep(self._step, generators, device)
+
+    def __len__(self):
+        return len(self.runs)
+
+    @property
+    def step(self):
+        return self.runs[0].step
+
+    def _step(self):
+        if self.stacked is not None:
+            return self.stacked.next_step()
+        return torch.stack([r.next_step() for r in self.runs])
+
+    def train_step(self):
+        """One step of every run -> (S, n_terms) tensor of each run's terms (detached, on the device)."""
+        values = self.graph() if self.graph is not None else self._step()
+        for r in self.runs:
+            r.step += 1
+        return values
+
+    def save(self, k, path, log_sum, log_count):
+        """Run k's checkpoint, in the format of a run alone whatever trained it."""
+        optimizers = self.stacked.optimizer_states(k) if self.stacked is not None else None
+        state = self.runs[k].state(log_sum, log_count, optimizers)
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folders: bad input is a UserError (one clear line from main(), never a traceback); every file is written
+# whole or not at all; a run folder is held by one process at a time; checkpoints and configs are read back safely.
+# ----------------------------------------------------------------------------------------------------------------
+class UserError(ValueError):
+    """A problem with the command line's input (a flag, a data file): the message says what was wrong and what was
     expected."""
 
     exit_code = 2
@@ -81,12 +826,9 @@ class RunFolderBusy(UserError):
     exit_code = 3
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Files: every result is written whole or not at all, and a run folder is held by one process at a time.
-# ----------------------------------------------------------------------------------------------------------------
 def write_atomic(path, write):
     """write(tmp) then rename tmp onto path: a crash, a Ctrl-C or a full disk leaves the old file or the new one,
-    never half of one, and no temporary file. An OSError becomes a UserError naming the file and its disk."""
+    never half of one, and no temporary file. An OSError goes on to main(), naming the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -94,8 +836,8 @@ def write_atomic(path, write):
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise UserError(f"could not write {path}: {error.strerror or error}{_disk_note(path)}") from None
+        if isinstance(error, OSError) and error.filename in (None, str(tmp)):
+            error.filename = str(path)
         raise
 
 
@@ -155,9 +897,138 @@ class RunFolderLock:
         os.close(self.fd)  # closing the descriptor releases the lock; the file stays (removing it would race)
 
 
+CHECKPOINT_KEYS = ("step", "train_seconds", "args", "vae", "vae_opt", "D", "d_opt", "data_gen", "model_gen",
+                   "log_sum", "log_count")  # checkpoints of earlier versions also hold "torch_rng", unused now
+
+
+def load_checkpoint(path):
+    """A checkpoint holds tensors and plain types only; weights_only=True refuses anything else, so loading a file
+    never runs code from it."""
+    try:
+        # On the CPU: generator states must stay CPU byte tensors; load_state_dict moves the rest to the device.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: read when used
+    except Exception as error:
+        raise UserError(f"could not read the checkpoint {path} ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing or not isinstance(checkpoint["args"], dict) or not isinstance(checkpoint["step"], int):
+        raise UserError(f"{path} is not a grouptc checkpoint (missing or wrong: {', '.join(missing) or 'args, step'})")
+    return checkpoint
+
+
+def read_config(path):
+    """A run folder's config.json (or a sweep's sweep.json): the flags that define its runs."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not read {path} ({error}); it should be the config.json this program wrote") from None
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise UserError(f"{path} is not a grouptc config.json (expected an object of flags)")
+    return saved
+
+
+def prepare_run(args):
+    """Read what args.out already holds, for a run about to train there -> its checkpoint (None: from step 0), or
+    False when the run is finished. The folder's config.json defines its run: --resume continues it from its
+    checkpoint, or restarts it from step 0 when it died before its first checkpoint."""
+    out = Path(args.out)
+    ckpt_path, config_path = out / "checkpoint.pt", out / "config.json"
+    checkpoint = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
+    if not args.resume and (ckpt_path.exists() or config_path.exists() or (out / "metrics.json").exists()):
+        raise UserError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+    if checkpoint is not None:
+        merge_saved_args(args, checkpoint["args"], ckpt_path)  # the saved --device too, unless typed anew
+        if args.steps < checkpoint["step"]:
+            raise UserError(f"--steps {args.steps} is below the {checkpoint['step']:,} steps the run in {out} has "
+                            f"trained; give --steps {checkpoint['step']} or more (or leave it out)")
+        if args.steps == checkpoint["step"] and (out / "metrics.json").exists():
+            print(f"{out} is finished ({args.steps:,} steps, evaluated); nothing to do. --eval-only evaluates it "
+                  "again", file=sys.stderr)
+            return False
+    elif args.resume and config_path.exists():
+        merge_saved_args(args, read_config(config_path), config_path)
+        print(f"{out} has no checkpoint (its run stopped before the first one): restarting the run its config.json "
+              "defines from step 0", file=sys.stderr)
+    return checkpoint
+
+
+def merge_saved_args(args, saved, path):
+    """A resumed or re-evaluated run keeps its saved flags; a run-defining flag typed anew must agree. The saved
+    flags are read by the parser that reads typed ones, and the merged flags pass the same checks."""
+    for key, value in vars(read_flags(saved, path)).items():
+        if key in args.given and key in RUN_DEFINING and not _same_flag(key, getattr(args, key), value, saved):
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the run in {path.parent} "
+                            f"({value}); leave it out to keep the saved value, or use another --out")
+        if key not in args.given:
+            setattr(args, key, value)
+    try:
+        check_args(args)
+    except UserError as error:
+        raise UserError(f"{path} holds a flag this program refuses: {error}") from None
+
+
+def _same_flag(key, typed, saved_value, saved):
+    """Whether a flag typed anew says what the saved one says (the default content factors, typed out, do)."""
+    if key != "content_factors":
+        return typed == saved_value
+    defaults = DEFAULT_CONTENT.get(saved.get("dataset"), ())
+    names = lambda v: set(defaults) if v is None else {n.strip() for n in str(v).split(",") if n.strip()}  # noqa
+    return names(typed) == names(saved_value)
+
+
+def public_args(args):
+    return {k: v for k, v in vars(args).items() if k not in ("given", "sweep")}
+
+
+class RunLog:
+    """A run's log.csv (one row every --log-every steps) and, in a sweep, its own copy of the progress lines
+    (train.log), since the terminal shows the sweep's."""
+
+    def __init__(self, args, names, step, sweep):
+        self.out, self.names, self.sweep = Path(args.out), names, sweep
+        path = self.out / "log.csv"
+        rows = read_log(path) if path.exists() and step > 0 else []
+        rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]  # rows after the
+        # checkpoint are dropped (and so is a row a crash cut short)
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["step", *names, "ms_per_step"])
+                writer.writerows([[r["step"], *[r[n] for n in names], r["ms_per_step"]] for r in rows])
+        write_atomic(path, write)
+
+    def row(self, step, means, ms):
+        with open(self.out / "log.csv", "a", newline="") as f:
+            csv.writer(f).writerow([step, *[f"{v:.6g}" for v in means], f"{ms:.2f}"])
+
+    def say(self, line):
+        if self.sweep:
+            with open(self.out / "train.log", "a") as f:
+                f.write(line + "\n")
+
+
+def read_log(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: the first asks the loop to checkpoint after the current step; the second stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step and writing a checkpoint (again to stop at once)", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Data: every source gives factor classes -> images. Factors live in "class space": integer classes per factor,
-# flattened to the row of the data set by a mixed-radix index (last factor fastest), as both official files do.
+# Data sources: every source gives factor classes -> images. A class tuple is flattened to the row of a data set
+# by a mixed-radix index (last factor fastest), as both official files do.
 # ----------------------------------------------------------------------------------------------------------------
 DSPRITES_FACTORS = ("shape", "scale", "orientation", "posX", "posY")
 DSPRITES_SIZES = (3, 6, 40, 32, 32)
@@ -182,13 +1053,6 @@ DOWNLOADS = {  # file name -> (address, hash algorithm, published digest)
     "3dshapes.h5": ("https://storage.googleapis.com/3d-shapes/3dshapes.h5",
                     "sha256", "0a0f6ed98baff276a50f3a081a7434d788da63cb135a98189b2a5b5769be1785"),
 }
-
-
-@functools.lru_cache(maxsize=None)
-def device_constant(values, device, dtype=torch.long):
-    """A small constant tensor made once per device: the training step then copies nothing from the host (which
-    also lets the step be captured in a CUDA graph). `values` is a tuple; the tensor must not be modified."""
-    return torch.tensor(values, device=device, dtype=dtype)
 
 
 def index_bases(factor_sizes):
@@ -559,384 +1423,13 @@ def resolve_factors(factors, factor_names):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The group sampler: each group of observations shares every factor of ONE group of factors (content or
-# non-content, each with probability 1/2); the factors of the other group are drawn anew for every member.
+# Arguments: every hyperparameter in one place, with its meaning and paper default. --seed, --beta and --gamma
+# take lists; expand() turns a command line into its runs (a run alone is a list of one).
 # ----------------------------------------------------------------------------------------------------------------
-def uniform_classes(factor_sizes, shape, generator=None):
-    """Factor classes drawn uniformly and independently: -> LongTensor (*shape, K) on the generator's device."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    sizes = device_constant(tuple(factor_sizes), device)
-    u = torch.rand(*shape, len(factor_sizes), generator=generator, device=device, dtype=torch.float64)
-    return torch.minimum((u * sizes).long(), sizes - 1)  # the min guards u * size rounding up to size
-
-
-def sample_groups(factor_sizes, content_factors, batch_size, group_size=2, generator=None):
-    """-> classes (batch_size, group_size, K) LongTensor, shares_content (batch_size,) BoolTensor.
-    Every draw comes from `generator` and lives on its device, so a seed reproduces the batch."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    K = len(factor_sizes)
-    classes = uniform_classes(factor_sizes, (batch_size, group_size), generator)  # independent for every member
-    shares_content = torch.rand(batch_size, generator=generator, device=device) < 0.5
-    is_content = device_constant(tuple(k in content_factors for k in range(K)), device, torch.bool)
-    shared = is_content[None] == shares_content[:, None]  # (B, K): the factors this group shares
-    classes = torch.where(shared[:, None, :], classes[:, :1, :], classes)  # copy the first member's classes
-    return classes, shares_content
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model: disentanglement_lib's conv encoder / deconv decoder (64x64 inputs), and the FactorVAE discriminator D.
-# The latent z = (z_\c, z_c): z_\c the first latent_dim - content_dims dims, z_c the last content_dims (Fig. 3a).
-# ----------------------------------------------------------------------------------------------------------------
-class VAE(nn.Module):
-    def __init__(self, channels=1, latent_dim=10):
-        super().__init__()
-        self.encoder = nn.Sequential(
-            nn.Conv2d(channels, 32, 4, 2, 1), nn.ReLU(),  # 32x32
-            nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),  # 16x16
-            nn.Conv2d(32, 64, 2, 2), nn.ReLU(),  # 8x8
-            nn.Conv2d(64, 64, 2, 2), nn.ReLU(),  # 4x4
-            nn.Flatten(), nn.Linear(1024, 256), nn.ReLU(),
-            nn.Linear(256, 2 * latent_dim))  # mean and log-variance heads, as one layer
-        self.decoder = nn.Sequential(
-            nn.Linear(latent_dim, 256), nn.ReLU(), nn.Linear(256, 1024), nn.ReLU(), nn.Unflatten(1, (64, 4, 4)),
-            nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(),  # 8x8
-            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),  # 16x16
-            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),  # 32x32
-            nn.ConvTranspose2d(32, channels, 4, 2, 1))  # 64x64 logits
-
-    def encode(self, x):
-        """(N, C, 64, 64) -> mu, logvar, each (N, L)."""
-        return self.encoder(x).chunk(2, dim=-1)
-
-    def decode(self, z):
-        """(N, L) -> (N, C, 64, 64) Bernoulli logits."""
-        return self.decoder(z)
-
-
-class Discriminator(nn.Module):
-    """FactorVAE's D: 6 hidden layers of 1000, LeakyReLU(0.2), 2 logits (0: joint q(z), 1: factorised q-bar(z))."""
-
-    def __init__(self, latent_dim=10, hidden=1000, layers=6):
-        super().__init__()
-        sizes = [latent_dim] + [hidden] * layers
-        blocks = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            blocks += [nn.Linear(a, b), nn.LeakyReLU(0.2)]
-        self.net = nn.Sequential(*blocks, nn.Linear(hidden, 2))
-
-    def forward(self, z):
-        return self.net(z)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Objectives: one small function per quantity of the paper, assembled in group_objective().
-# Shapes: B groups, G observations per group, L latent dims; mu, logvar (B, G, L).
-# ----------------------------------------------------------------------------------------------------------------
-def reconstruction(logits, x):
-    """-log p(x|z), Bernoulli on logits, summed over pixels: (N, C, H, W) x2 -> (N,)."""
-    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-
-
-def kl_to_prior(mu, logvar):
-    """KL(N(mu, exp(logvar)) || N(0, I)) per dim: (..., L) -> (..., L)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
-
-
-def gaussian_kl(mu1, logvar1, mu2, logvar2):
-    """KL(N(mu1, var1) || N(mu2, var2)) per dim, broadcasting."""
-    return 0.5 * (logvar2 - logvar1 + (logvar1.exp() + (mu1 - mu2).pow(2)) / logvar2.exp() - 1)
-
-
-def average_posterior(mu, logvar):
-    """GVAE (Hosoya 2019): the group's posterior averages the members' means and VARIANCES over G:
-    (B, G, L) -> (B, 1, L)."""
-    return mu.mean(1, keepdim=True), logvar.exp().mean(1, keepdim=True).log()
-
-
-def product_posterior(mu, logvar):
-    """MLVAE (Bouchacourt 2018): the normalised product of the members' Gaussians: precision-weighted mean,
-    variance 1 / sum(1 / var_i). (B, G, L) -> (B, 1, L).
-    NOTE: disentanglement_lib uses 2*v1*v2/(v1+v2) for pairs, twice this variance; we use the true product, as
-    Bouchacourt et al. define it (the test checks it against the closed form)."""
-    precision = (-logvar).exp()  # (B, G, L)
-    var = 1.0 / precision.sum(1, keepdim=True)
-    return var * (mu * precision).sum(1, keepdim=True), var.log()
-
-
-def group_kl(mu, logvar, shared):
-    """gamma's term of Eq. (3): KL between the members' posteriors over the dims of the shared group, both
-    directions, averaged over the G(G-1) ordered pairs of a group (for a pair: (KL(q1||q2) + KL(q2||q1)) / 2,
-    the per-image share of the sum over z~ in {z, z'}), summed over dims, averaged over groups.
-    mu, logvar (B, G, L); shared (B, L) bool -> scalar."""
-    G = mu.shape[1]
-    kl = gaussian_kl(mu[:, :, None], logvar[:, :, None], mu[:, None], logvar[:, None])  # (B, G, G, L), diag 0
-    return (kl * shared[:, None, None]).sum((1, 2, 3)).mean() / (G * (G - 1))
-
-
-def tc_blocks(level, latent_dim, content_dims):
-    """Which dims are permuted together to sample the factorised q-bar of each TC level (Sec. 3), as a block id per
-    dim (z_\\c first, z_c last): inter: [z_\\c][z_c]; inter_intra: every z_\\c dim alone, z_c one block; full:
-    every dim alone (FactorVAE)."""
-    n_s = latent_dim - content_dims
-    if level == "inter":
-        blocks = [0] * n_s + [1] * content_dims
-    elif level == "inter_intra":
-        blocks = list(range(n_s)) + [n_s] * content_dims
-    elif level == "full":
-        blocks = list(range(latent_dim))
-    else:
-        raise UserError(f"--tc-level: unknown level '{level}'; expected one of {', '.join(TC_LEVELS)}")
-    return torch.tensor(blocks)
-
-
-def permute_codes(z, blocks, generator=None, u=None):
-    """Samples of q-bar: each block of dims gets its own random permutation of the N codes (rows).
-    z (N, L), blocks (L,) long block ids in [0, L) -> (N, L). u: the (N, L) uniform noise that orders the
-    permutations, drawn from `generator` when not given."""
-    u = torch.rand(z.shape, generator=generator, device=z.device) if u is None else u
-    perm = u.argsort(0)  # (N, L): one permutation per possible block
-    return z.gather(0, perm[:, blocks.to(z.device)])  # dims of one block share their block's permutation
-
-
-def tc_estimate(logits):
-    """Density-ratio trick (Kim & Mnih 2018): TC ~= E_q[log D_joint(z) - log D_factorised(z)] = mean of the
-    logit difference. logits (N, 2) -> scalar. Computed in fp32."""
-    logits = logits.float()
-    return (logits[:, 0] - logits[:, 1]).mean()
-
-
-def discriminator_loss(D, z, z_perm):
-    """D's loss on DETACHED codes, 0.5 * (CE(D(z), joint) + CE(D(z_perm), factorised)); also its accuracy."""
-    logits = D(torch.cat([z.detach(), z_perm.detach()])).float()
-    target = torch.cat([torch.zeros(len(z), dtype=torch.long, device=z.device),
-                        torch.ones(len(z_perm), dtype=torch.long, device=z.device)])
-    return F.cross_entropy(logits, target), (logits.argmax(1) == target).float().mean()
-
-
-def shared_dims(shares_content, latent_dim, content_dims):
-    """(B,) bool -> (B, L) bool: the latent dims of the group each group of observations shares."""
-    is_content = torch.arange(latent_dim, device=shares_content.device) >= latent_dim - content_dims
-    return is_content[None] == shares_content[:, None]
-
-
-def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims, generator=None, eps=None):
-    """The loss of one batch of groups, for all three models. x (B, G, C, 64, 64), shares_content (B,); eps
-    (B, G, L) the reparameterisation noise, drawn from `generator` when not given.
-    Returns (loss, terms, z): terms holds each term's value per image; z (B*G, L) the sampled codes.
-    Every term is per image: the paper's sums over the G members of a group are averaged instead, as
-    disentanglement_lib's 0.5 * (rec1 + rec2) does, so beta and gamma keep their meaning for any G."""
-    B, G = x.shape[:2]
-    mu, logvar = (t.float().view(B, G, -1) for t in vae.encode(x.flatten(0, 1)))
-    shared = shared_dims(shares_content, mu.shape[-1], content_dims)  # (B, L)
-    if model in ("mlvae", "gvae"):
-        # Eq. (1): the shared group's dims take the group's aggregated posterior; the others keep their own.
-        mu_g, logvar_g = (product_posterior if model == "mlvae" else average_posterior)(mu, logvar)
-        mu, logvar = torch.where(shared[:, None], mu_g, mu), torch.where(shared[:, None], logvar_g, logvar)
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device) if eps is None else eps
-    z = (mu + eps * (0.5 * logvar).exp()).flatten(0, 1)  # (B*G, L), reparameterised
-    rec = reconstruction(vae.decode(z).float(), x.flatten(0, 1)).mean()
-    kl = kl_to_prior(mu, logvar).sum(-1).mean()
-    if model != "group_tcvae":
-        return rec + beta * kl, {"rec": rec, "kl": kl}, z  # Eq. (1)
-    # Eq. (3), read as a loss to minimise. NOTE: as printed, Eq. (3) subtracts (beta*TC - gamma*KL), which would
-    # REWARD a large KL between the shared latents; the text says that term pulls them together, so it is added.
-    with torch.autocast(z.device.type, enabled=False):
-        tc = tc_estimate(D(z.float()))  # gradients reach the encoder; D's own parameters are frozen by the caller
-    gkl = group_kl(mu, logvar, shared)
-    return rec + kl + beta * tc + gamma * gkl, {"rec": rec, "kl": kl, "tc": tc, "group_kl": gkl}, z
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics: disentanglement_lib's discrete MIG, and the paper's group-MIG, on the same plug-in MI estimator.
-# The histogram MI is Numba-jitted (cached on disk, compiled once).
-# ----------------------------------------------------------------------------------------------------------------
-_mi_kernel = None
-
-
-def _get_mi_kernel():
-    """Compile (or load from Numba's cache) the two Numba kernels, the joint histograms and the columns' ranges, on
-    first use: `import grouptc` stays fast."""
-    global _mi_kernel
-    if _mi_kernel is None:
-        import numba
-
-        @numba.njit(parallel=True, cache=True)
-        def kernel(codes, edges, factors, n_classes, n_chunks):
-            """codes (N, L) float64; edges (L, n_bins) left bin edges; factors (N, K) int64 in [0, n_classes);
-            n_chunks: parts of N counted in parallel.
-            -> (L, K) plug-in MI in nats of digitize(codes[:, i], edges[i]) and factors[:, k]; (K,) entropies."""
-            N, L = codes.shape
-            K = factors.shape[1]
-            n_bins = edges.shape[1]
-            inverse_width = np.empty(L)
-            for i in range(L):
-                inverse_width[i] = (n_bins - 1) / (edges[i, n_bins - 1] - edges[i, 0]) if n_bins > 1 else 0.0
-            counts = np.zeros((n_chunks, L, K, n_bins + 1, n_classes), np.int64)  # joint tables: bin label x class
-            for chunk in numba.prange(n_chunks):
-                for n in range(chunk * N // n_chunks, (chunk + 1) * N // n_chunks):
-                    for i in range(L):
-                        x, e = codes[n, i], edges[i]
-                        # numpy.digitize(x, e) = the number of left edges <= x, in 1..n_bins: guess it from the
-                        # bin width, then step to the exact answer against the very edges numpy made.
-                        b = min(max(int((x - e[0]) * inverse_width[i]) + 1, 1), n_bins)
-                        while b < n_bins and x >= e[b]:
-                            b += 1
-                        while b > 1 and x < e[b - 1]:
-                            b -= 1
-                        for k in range(K):
-                            counts[chunk, i, k, b, factors[n, k]] += 1
-            joint = counts.sum(axis=0)  # (L, K, n_bins + 1, vmax)
-            mi, H = np.zeros((L, K)), np.zeros(K)
-            for k in range(K):
-                col = joint[0, k].sum(axis=0)  # (n_classes,) factor counts
-                for v in range(n_classes):
-                    if col[v] > 0:
-                        H[k] -= col[v] / N * math.log(col[v] / N)
-                for i in range(L):
-                    total = 0.0
-                    for b in range(1, n_bins + 1):
-                        row = joint[i, k, b].sum()  # bin counts
-                        for v in range(n_classes):
-                            c = joint[i, k, b, v]
-                            if c > 0:
-                                total += c / N * (math.log(c * N) - math.log(row * col[v]))
-                    mi[i, k] = total
-            return mi, H
-
-        @numba.njit(parallel=True, cache=True)
-        def ranges(codes, n_chunks):
-            """codes (N, L) float64 -> per-column min, max, and the count of NaN / infinite entries (one pass)."""
-            N, L = codes.shape
-            lo, hi = np.full((n_chunks, L), np.inf), np.full((n_chunks, L), -np.inf)
-            bad = np.zeros(n_chunks, np.int64)
-            for chunk in numba.prange(n_chunks):
-                for n in range(chunk * N // n_chunks, (chunk + 1) * N // n_chunks):
-                    for i in range(L):
-                        x = codes[n, i]
-                        if not np.isfinite(x):
-                            bad[chunk] += 1
-                        lo[chunk, i] = min(lo[chunk, i], x)
-                        hi[chunk, i] = max(hi[chunk, i], x)
-            return lo, hi, bad.sum()  # (n_chunks, L) each: the caller takes the min / max over chunks
-
-        _mi_kernel = kernel, ranges
-    return _mi_kernel
-
-
-def _factor_labels(factors):
-    """(N, K) integer classes -> (N, K) int64 labels and one bound n_classes > every label (classes are used as
-    they are when they are small non-negative integers, else replaced by their rank); unused classes count 0."""
-    factors = np.asarray(factors)
-    if not np.issubdtype(factors.dtype, np.integer) or factors.ndim != 2:
-        raise ValueError(f"factors must be an integer (N, K) array, got {factors.dtype} {factors.shape}")
-    if len(factors) and factors.min() >= 0 and factors.max() < 1024:
-        labels = np.ascontiguousarray(factors, dtype=np.int64)
-    else:
-        labels = np.stack([np.unique(f, return_inverse=True)[1].reshape(-1) for f in factors.T], 1).astype(np.int64)
-    return labels, int(labels.max()) + 1 if labels.size else 1  # one bound: a per-column max is slow
-
-
-def factor_entropy(factors):
-    """Empirical entropy in nats of each factor: (N, K) -> (K,)."""
-    labels, n_classes = _factor_labels(factors)
-    H = np.zeros(labels.shape[1])
-    for k, f in enumerate(labels.T):
-        p = np.bincount(f, minlength=n_classes) / len(f)
-        p = p[p > 0]
-        H[k] = -(p * np.log(p)).sum()
-    return H
-
-
-def mutual_info_and_entropy(codes, factors, n_bins=20):
-    """(L, K) plug-in MI in nats between each code dim, cut into n_bins equal-width bins between its min and max
-    (numpy.histogram's edges, numpy.digitize's labels), and each factor; and the (K,) factor entropies.
-    codes (N, L) float, factors (N, K) integer classes."""
-    threads = torch.get_num_threads()
-    try:
-        return _mutual_info_and_entropy(codes, factors, n_bins)
-    finally:  # Numba's OpenMP layer shares torch's OpenMP runtime and, starting its threads, sets its thread count
-        # to every core (OMP_NUM_THREADS notwithstanding): training after an evaluation in the same process would
-        # run on more threads than asked (oversubscribed where processes share the cores) and sum in another order
-        torch.set_num_threads(threads)
-
-
-def _mutual_info_and_entropy(codes, factors, n_bins):
-    import numba
-    codes = np.ascontiguousarray(codes, dtype=np.float64)
-    if codes.ndim != 2 or len(codes) != len(factors) or len(codes) == 0:
-        raise ValueError(f"codes must be (N, L) with N = len(factors) = {len(factors)} > 0, got {codes.shape}")
-    kernel, ranges = _get_mi_kernel()
-    lo, hi, n_bad = ranges(codes, numba.get_num_threads())
-    lo, hi = lo.min(0), hi.max(0)
-    if n_bad:
-        raise ValueError(f"codes contain {n_bad} NaN or infinite values")
-    labels, n_classes = _factor_labels(factors)
-    # numpy.histogram's edges: linspace(min, max, n_bins + 1), widened by 0.5 on each side for a constant dim.
-    flat = lo == hi
-    lo, hi = np.where(flat, lo - 0.5, lo), np.where(flat, hi + 0.5, hi)
-    edges = np.stack([np.linspace(a, b, n_bins + 1)[:-1] for a, b in zip(lo, hi)])  # (L, n_bins)
-    return kernel(codes, edges, labels, n_classes, numba.get_num_threads())
-
-
-def mutual_info_matrix(codes, factors, n_bins=20):
-    """(L, K) plug-in MI in nats between each binned code dim and each factor (see mutual_info_and_entropy)."""
-    return mutual_info_and_entropy(codes, factors, n_bins)[0]
-
-
-def _gap_score(gaps, H):
-    """mean over factors with H > 0 of gap / H; factors with one value are left out."""
-    keep = H > 0
-    return float(np.mean(gaps[keep] / H[keep]))
-
-
-def mig_from_matrix(mi, H):
-    """MIG from an (L, K) MI matrix and the (K,) factor entropies."""
-    return _gap_score(mig_gaps(mi), H)
-
-
-def mig_gaps(mi):
-    """Per factor: the largest I(z_i; v_k) over the latents minus the second largest. (L, K) -> (K,)"""
-    top = np.sort(mi, axis=0)[::-1]
-    return top[0] - top[1]
-
-
-def group_mig_from_matrix(mi, H, content_latents, content_factors):
-    """group-MIG from an (L, K) MI matrix and the (K,) factor entropies (see group_mig)."""
-    return _gap_score(group_gaps(mi, content_latents, content_factors), H)
-
-
-def group_gaps(mi, content_latents, content_factors):
-    """Per factor: max I over the latents of the factor's own group - max I over the other latents. (L, K) -> (K,)"""
-    L, K = mi.shape
-    own = np.isin(np.arange(L), content_latents)[:, None] == np.isin(np.arange(K), content_factors)[None, :]
-    return np.where(own, mi, -np.inf).max(0) - np.where(~own, mi, -np.inf).max(0)
-
-
-def mig(codes, factors, n_bins=20):
-    """Mutual Information Gap (disentanglement_lib's discrete MIG): mean over factors of the gap between the two
-    largest I(z_i; v_k), over H(v_k). Factors with one value are left out."""
-    return mig_from_matrix(*mutual_info_and_entropy(codes, factors, n_bins))
-
-
-def group_mig(codes, factors, content_latents, content_factors, n_bins=20):
-    """group-MIG (paper, Sec. 4): mean over factors of (max I over the latents of the factor's own group - max I
-    over the other latents) / H(v_k). Negative when information sits in the wrong group. content_latents: indices
-    of the z_c dims; content_factors: indices of the content factors (columns of `factors`)."""
-    mi, H = mutual_info_and_entropy(codes, factors, n_bins)
-    return group_mig_from_matrix(mi, H, content_latents, content_factors)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments: every hyperparameter in one place, with its meaning and paper default.
-# ----------------------------------------------------------------------------------------------------------------
-MODEL_DEFAULTS = {  # beta, gamma per model when the flags are not given
-    "group_tcvae": (10.0, 8.0),  # the paper's grid: beta {10..100}, gamma {1..64}; see README "Defaults"
-    "mlvae": (1.0, 0.0),  # Locatello et al. 2020's grid {1, 2, 4, 6, 8, 16}: its first value
-    "gvae": (1.0, 0.0),
-}
 # The flags that define what a run is; a resumed or re-evaluated run keeps them from its checkpoint.
 RUN_DEFINING = ("model", "dataset", "batch_size", "group_size", "beta", "gamma", "tc_level", "content_factors",
                 "latent_dim", "content_dims", "seed")
+LIST_FLAGS = ("seed", "beta", "gamma")  # a list of values makes a sweep
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -948,17 +1441,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser(suppress_defaults=False):
+def build_parser(suppress_defaults=False, on_error=None):
     p = argparse.ArgumentParser(
         prog="grouptc.py", description="group-tcVAE, MLVAE and GVAE on paired observations; MIG and group-MIG.",
         formatter_class=_HelpFormatter)
+    if on_error is not None:
+        p.error = on_error
 
     def a(*flags, **kw):
         if suppress_defaults:  # for telling which flags the user typed
             kw["default"] = argparse.SUPPRESS
         p.add_argument(*flags, **kw)
 
-    a("--model", choices=MODELS, default="group_tcvae", help="objective: group-tcVAE Eq. (3), MLVAE or GVAE Eq. (1)")
+    a("--model", choices=tuple(MODELS), default="group_tcvae",
+      help="objective: group-tcVAE Eq. (3), MLVAE or GVAE Eq. (1)")
     a("--dataset", choices=DATASETS, default="dsprites",
       help="dsprites / shapes3d: the official files in --data-dir (downloaded if missing). dsprites_procedural / "
            "shapes3d_procedural: built-in dSprites-like / 3DShapes-like renderers on the official factor grids, no "
@@ -1027,34 +1523,46 @@ def _values(kind):
 
 
 def parse_args(argv=None):
+    """The command line -> its flags (--seed, --beta, --gamma as lists; beta and gamma None when not typed) and
+    args.given, the flags the user typed."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))  # flags typed by the user
+    args.given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
     return args
 
 
-def finish_args(args):
-    """Model defaults, default run folder, and checks with messages that name the flag. Lists in --seed, --beta or
-    --gamma (or --resume on a sweep's folder) make a sweep: args.sweep, with the lists kept for sweep_members()."""
-    if args.resume and args.out is not None and (Path(args.out) / "sweep.json").is_file():
-        for key, value in read_config(Path(args.out) / "sweep.json").items():  # the sweep's flags, unless typed
-            if key not in args.given and key in vars(args) and key not in ("resume", "eval_only", "out", "given"):
-                setattr(args, key, value)
-        args.sweep = True
-    beta0, gamma0 = MODEL_DEFAULTS[args.model]
-    as_list = lambda v, default: [default] if v is None else list(v) if isinstance(v, list) else [v]  # noqa: E731
-    args.seed, args.beta, args.gamma = as_list(args.seed, 0), as_list(args.beta, beta0), as_list(args.gamma, gamma0)
-    args.sweep = getattr(args, "sweep", False) or len(args.seed) * len(args.beta) * len(args.gamma) > 1
-    if args.sweep:
-        if args.out is None:
-            args.out = f"runs/{args.model}-{args.dataset}-sweep"
-        if args.eval_only:
-            raise UserError(f"--eval-only evaluates one run: give --out one of the run folders under {args.out}")
-        return args
-    args.seed, args.beta, args.gamma = args.seed[0], args.beta[0], args.gamma[0]
-    if args.out is None:
-        args.out = f"runs/{args.model}-{args.dataset}-seed{args.seed}"
-    return check_args(args)
+def read_flags(saved, path, lists=False):
+    """Flags saved by this program (a config.json, a checkpoint's args, a sweep.json) -> a Namespace of those this
+    program knows, read by the same parser as typed flags, so that they pass the same checks. --seed, --beta and
+    --gamma come back as lists when `lists`, else as the single value a run holds."""
+    def refuse(message):
+        raise UserError(f"{path} holds a flag this program refuses: {message}")
+
+    parser = build_parser(suppress_defaults=True, on_error=refuse)
+    actions = {a.dest: a for a in parser._actions}
+    argv = []
+    for key, value in saved.items():
+        if key not in actions or key in ("help", "resume", "eval_only", "out", "summarize") or value is None:
+            continue  # not a run's flag (or one of another version of this program): left out
+        flag = actions[key].option_strings[0]
+        if isinstance(actions[key], argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                refuse(f"{flag} must be true or false, got {value!r}")
+            argv += [flag] * value
+        elif isinstance(value, list) and key in LIST_FLAGS:
+            argv.append(f"{flag}={','.join(map(str, value))}")
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            argv.append(f"{flag}={value}")
+        else:
+            refuse(f"{flag} must be a {'list of numbers' if key in LIST_FLAGS else 'number or text'}, got {value!r}")
+    flags = parser.parse_args(argv)
+    if not lists:
+        for key in LIST_FLAGS:
+            if hasattr(flags, key):
+                if len(getattr(flags, key)) != 1:
+                    refuse(f"--{key} must be a single value for one run, got {getattr(flags, key)}")
+                setattr(flags, key, getattr(flags, key)[0])
+    return flags
 
 
 def run_name(args):
@@ -1063,37 +1571,39 @@ def run_name(args):
             f"seed{args.seed}")
 
 
-def sweep_members(args):
-    """The runs of a sweep: every combination of its --seed, --beta and --gamma values, each with flags of its own
-    (single values, checked as a run's) and its own folder under the sweep's --out."""
+def expand(args):
+    """The runs a command line asks for -> a list of their flags, one Namespace per run (a single seed, beta and
+    gamma), each checked. Every combination of the --seed, --beta and --gamma values is a run; more than one (or
+    --resume on a sweep's folder, whose sweep.json holds its lists) makes a sweep: each run then has a folder of
+    its own under --out, named by run_name(). Sets args.sweep and args.out."""
+    if args.resume and args.out is not None and (Path(args.out) / "sweep.json").is_file():
+        path = Path(args.out) / "sweep.json"
+        for key, value in vars(read_flags(read_config(path), path, lists=True)).items():
+            if key not in args.given:  # the sweep's flags, unless typed anew
+                setattr(args, key, value)
+        args.sweep = True
+    spec = MODELS[args.model]
+    args.beta = [spec.beta] if args.beta is None else list(args.beta)
+    args.gamma = [spec.gamma] if args.gamma is None else list(args.gamma)
+    args.seed = list(args.seed) if isinstance(args.seed, list) else [args.seed]
+    combinations = list(itertools.product(args.seed, args.beta, args.gamma))
+    args.sweep = getattr(args, "sweep", False) or len(combinations) > 1
+    if args.out is None:
+        args.out = f"runs/{args.model}-{args.dataset}-" + ("sweep" if args.sweep else f"seed{args.seed[0]}")
     members = []
-    for seed, beta, gamma in itertools.product(args.seed, args.beta, args.gamma):
-        m = copy.copy(args)
-        m.seed, m.beta, m.gamma, m.sweep = seed, beta, gamma, False
-        m.out = str(Path(args.out) / run_name(m))
+    for seed, beta, gamma in combinations:
+        m = argparse.Namespace(**vars(args))
+        m.seed, m.beta, m.gamma, m.sweep, m.given = seed, beta, gamma, False, set(args.given)
+        if args.sweep:
+            m.out = str(Path(args.out) / run_name(m))
         members.append(check_args(m))
     return members
 
 
-# What each flag must hold; a config.json or checkpoint read back is checked against it too.
-FLAG_TYPES = {"model": str, "dataset": str, "data_dir": str, "steps": int, "batch_size": int, "group_size": int,
-              "beta": (int, float), "gamma": (int, float), "tc_level": str, "content_factors": (str, type(None)),
-              "latent_dim": int, "content_dims": int, "seed": int, "device": str, "eval_samples": int,
-              "checkpoint_every": int, "log_every": int}
-
-
 def check_args(args):
-    """Every check with a message that names the flag; also run on flags read back from a run folder."""
-    for flag, kind in FLAG_TYPES.items():
-        value = getattr(args, flag)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UserError(f"--{flag.replace('_', '-')} must be {getattr(kind, '__name__', 'a number')}, "
-                            f"got {value!r}")
-    for flag, choices in (("model", MODELS), ("dataset", DATASETS), ("tc_level", TC_LEVELS)):
-        if getattr(args, flag) not in choices:
-            raise UserError(f"--{flag.replace('_', '-')} must be one of {', '.join(choices)}, got "
-                            f"{getattr(args, flag)!r}")
-    check_device_name(args.device)
+    """Every check of a run's flags with a message that names the flag; also run on flags read back from a run
+    folder."""
+    resolve_device(args.device)
     for flag in ("steps", "batch_size", "latent_dim", "content_dims", "checkpoint_every", "log_every"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -1111,425 +1621,46 @@ def check_args(args):
     return args
 
 
-def check_device_name(name):
-    """The spelling of --device, before anything is built (whether it is present is resolve_device's job)."""
-    if name == "auto":
-        return
-    try:
-        kind = torch.device(name).type
-    except (RuntimeError, ValueError):
-        kind = None
-    if kind not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device: unsupported device '{name}'; expected auto, cpu, cuda, cuda:N or mps")
-
-
 def resolve_device(name):
-    check_device_name(name)
+    """--device -> a torch.device that this machine has; a clear error for a misspelt or missing one."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device: unsupported device '{name}'; expected auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available on this machine; use --device cpu or auto")
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
     return device
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training: data, sampling and the step stay on the device; the host only looks when logging or checkpointing.
+# The training loop: data, sampling and the step stay on the device; the host only looks when logging or
+# checkpointing.
 # ----------------------------------------------------------------------------------------------------------------
-TERMS = {"group_tcvae": ("loss", "rec", "kl", "tc", "group_kl", "d_loss", "d_acc"),
-         "mlvae": ("loss", "rec", "kl"), "gvae": ("loss", "rec", "kl")}
-
-
-class Bound:
-    """A module computed with other parameters (torch.func.functional_call): one definition of the networks serves
-    every run of a sweep, each with its slice of the stacked weights. Bound(vae, p).encode(x) runs VAE.encode."""
-
-    def __init__(self, module, params):
-        self.module, self.params = module, params
-
-    def __call__(self, *args):
-        return torch.func.functional_call(self.module, self.params, args)
-
-    def __getattr__(self, name):
-        attr = getattr(self.module, name)
-        if isinstance(attr, nn.Module):  # a submodule, with its share of the parameters
-            prefix = name + "."
-            return Bound(attr, {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)})
-        if callable(attr):  # a method (encode, decode), run on this Bound
-            return functools.partial(getattr(type(self.module), name), self)
-        return attr
-
-
-def over_runs(f, batched, *args):
-    """f applied to run k's slice (index k of dim 0) of every argument (tensors, or dicts of them; a list is
-    already one entry per run), for every run; backpropagates each run's first output (its loss) and returns the
-    outputs, detached, stacked on dim 0. batched: one torch.func.vmap call, a few large kernels (GPUs); otherwise a
-    loop over the runs (CPUs, where vmap's grouped convolutions are slower than one convolution per run), each
-    run's backward right after its forward, so that one run's activations at a time fill the caches."""
-    if batched:
-        outs = torch.func.vmap(f)(*args)
-        outs[0].sum().backward()  # each run's weights get exactly the gradient of its own loss
-        return tuple(o.detach() for o in outs)
-    take = lambda a, k: a[k] if isinstance(a, list) else {n: t[k] for n, t in a.items()} if isinstance(a, dict) \
-        else a[k]  # noqa: E731
-    outs = []
-    for k in range(len(args[-1])):
-        out = f(*(take(a, k) for a in args))
-        out[0].backward()
-        outs.append([o.detach() for o in out])
-    return tuple(torch.stack(o) for o in zip(*outs))
-
-
-def stack_params(modules, batched):
-    """S modules of one definition -> (stacked, trained). stacked: {name: (S, ...) tensor}, the weights of S runs
-    as one set. trained: what gets gradients and what the optimiser updates. Batched (vmap), the stacked tensors
-    themselves. Looping, a list of each run's {name: slice}: views of the stacked storage, leaves of their own, so
-    that each run's gradient is its own tensor, as alone (a gradient of the stacked tensors would be assembled
-    from the S runs' gradients, one large copy per weight and step)."""
-    stacked = {n: p.detach() for n, p in torch.func.stack_module_state(modules)[0].items()}
-    if batched:
-        return stacked, {n: p.requires_grad_() for n, p in stacked.items()}
-    return stacked, [{n: p[k].requires_grad_() for n, p in stacked.items()} for k in range(len(modules))]
-
-
-def leaves(trained):
-    """The tensors an optimiser updates, from stack_params' trained: run by run when it is a list."""
-    return [p for run in trained for p in run.values()] if isinstance(trained, list) else list(trained.values())
-
-
-class Run:
-    """The runs of one process, trained together: S runs that share model, data set and shapes and differ in seed,
-    beta and gamma (S = 1: an ordinary run). Run k has its own flags and folder (members[k]), its own generators,
-    and its own slice of the stacked weights and of the optimiser's states (Adam is elementwise, so one Adam over
-    the stacked weights, or over every run's slices, is each run's own Adam): it computes what it would alone.
-    One step trains all of them."""
-
-    BATCHED = None  # None: vmap the runs on accelerators, loop over them on the CPU; True / False: always
-
-    def __init__(self, members, device):
-        members = members if isinstance(members, (list, tuple)) else [members]
-        self.members, self.args, self.device = list(members), members[0], device
-        args = self.args
-        self.data = load_dataset(args.dataset, args.data_dir, device, args.allow_subgrid)
-        names = args.content_factors if args.content_factors is not None else self.data.content_factors
-        self.content_factors = resolve_factors(names, list(self.data.factor_names))
-        vaes, Ds = [], []
-        for m in self.members:
-            torch.manual_seed(m.seed)  # network initialisation, as the run alone would draw it
-            vaes.append(VAE(self.data.channels, args.latent_dim).to(device))
-            Ds.append(Discriminator(args.latent_dim).to(device) if args.model == "group_tcvae" else None)
-        self.vae, self.D = vaes[0], Ds[0]  # the definitions; the weights live in vae_params, d_params
-        self.use_graph, self.graph, self.warmup_steps = device.type == "cuda" and not args.eager, None, 0
-        self.batched = (device.type != "cpu" and len(self) > 1) if self.BATCHED is None else self.BATCHED
-        self.vae_params, self.vae_trained = stack_params(vaes, self.batched)
-        self.d_params, self.d_trained = stack_params(Ds, self.batched) if self.D is not None else ({}, {})
-        # CUDA: fused, capturable Adam (one kernel, inside the CUDA graph). CPU: the default Adam, which computes the
-        # runs of docs/cpu_study byte for byte; the fused one was 0-4% faster there and rounds differently.
-        fused = {"fused": True, "capturable": self.use_graph} if device.type == "cuda" else {}
-        self.vae_opt = torch.optim.Adam(leaves(self.vae_trained), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, **fused)
-        self.d_opt = (torch.optim.Adam(leaves(self.d_trained), lr=1e-4, betas=(0.5, 0.9), **fused)
-                      if self.D is not None else None)
-        self.data_gens = [torch.Generator(device=device).manual_seed(m.seed) for m in self.members]  # groups
-        self.model_gens = [torch.Generator(device=device).manual_seed(m.seed + 1_000_003)  # noise, permutations
-                           for m in self.members]
-        self.beta = torch.tensor([float(m.beta) for m in self.members], device=device)
-        self.gamma = torch.tensor([float(m.gamma) for m in self.members], device=device)
-        self.blocks = tc_blocks(args.tc_level, args.latent_dim, args.content_dims).to(device)
-        self.step, self.train_seconds = 0, [0.0] * len(self.members)
-        if args.compile:  # in place: the parameter names stay, so checkpoints load either way
-            for module in (self.vae.encoder, self.vae.decoder, self.D):
-                if module is not None:
-                    module.compile()
-        self.amp = device.type == "cuda"  # bf16 autocast on CUDA; the TC log-ratio stays fp32
-
-    def __len__(self):
-        return len(self.members)
-
-    def sample_batch(self):
-        """A fresh batch of groups for every run, from its own generators: x (S, B, G, C, 64, 64), shares_content
-        (S, B), eps (S, B, G, L) and the permutations' noise u (S, B*G, L), drawn in the order the run alone draws
-        them; the images of all runs rendered in one call."""
-        B, G, L = self.args.batch_size, self.args.group_size, self.args.latent_dim
-        classes, shares, eps, u = [], [], [], []
-        for data_gen, model_gen in zip(self.data_gens, self.model_gens):
-            c, s = sample_groups(self.data.factor_sizes, self.content_factors, B, G, data_gen)
-            classes.append(c)
-            shares.append(s)
-            eps.append(torch.randn((B, G, L), generator=model_gen, device=self.device))
-            if self.D is not None:
-                u.append(torch.rand((B * G, L), generator=model_gen, device=self.device))
-        x = self.data.images(torch.cat(classes).flatten(0, 1)).view(len(self), B, G, self.data.channels, 64, 64)
-        u = torch.stack(u) if u else torch.zeros(len(self), 0, device=self.device)
-        return x, torch.stack(shares), torch.stack(eps), u
-
-    def update(self, x, shares_content, eps, u):
-        """One optimisation step of every run's VAE (and D for group-tcVAE) -> (S, n_terms) tensor of its terms."""
-        a = self.args
-        frozen_d = {n: p.detach() for n, p in self.d_params.items()}  # the VAE's loss moves the encoder through D,
-        # never D itself
-
-        autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=self.amp,
-                                     cache_enabled=False)  # the forward passes only
-
-        def vae_loss(vae_p, d_p, x, shares, eps, beta, gamma):
-            with autocast():
-                D = Bound(self.D, d_p) if self.D is not None else None
-                loss, terms, z = group_objective(a.model, Bound(self.vae, vae_p), D, x, shares, beta, gamma,
-                                                 a.content_dims, eps=eps)
-            return loss, torch.stack(list(terms.values())), z
-
-        self.vae_opt.zero_grad(set_to_none=True)
-        loss, terms, z = over_runs(vae_loss, self.batched, self.vae_trained, frozen_d, x, shares_content, eps,
-                                   self.beta, self.gamma)
-        self.vae_opt.step()
-        values = [loss[:, None], terms]
-        if self.D is not None:
-            def d_loss(d_p, z, u):
-                with autocast():
-                    return discriminator_loss(Bound(self.D, d_p), z, permute_codes(z, self.blocks, u=u))
-
-            self.d_opt.zero_grad(set_to_none=True)
-            d_losses, d_acc = over_runs(d_loss, self.batched, self.d_trained, z, u)
-            self.d_opt.step()
-            values += [d_losses[:, None], d_acc[:, None]]
-        return torch.cat([v.float() for v in values], 1)
-
-    def _step_values(self):
-        return self.update(*self.sample_batch())
-
-    def train_step(self):
-        """One step of every run on fresh batches -> (S, n_terms) detached tensor of the step's terms.
-        On CUDA the whole step (sampling, rendering, both updates of every run) is captured once in a CUDA graph
-        after a few eager warm-up steps and replayed: one launch instead of hundreds, the same computation."""
-        if self.graph is not None:
-            self.graph.replay()
-            values = self.graph_values.clone()
-        elif self.use_graph and self.warmup_steps >= 3:
-            values = self._capture_and_replay()
-        elif self.use_graph:  # warm-up (lazy optimiser state, cuBLAS handles) on a side stream, as CUDA asks
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                values = self._step_values()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.warmup_steps += 1
-        else:
-            values = self._step_values()
-        self.step += 1
-        return values
-
-    def _capture_and_replay(self):
-        graph = torch.cuda.CUDAGraph()
-        for generator in (*self.data_gens, *self.model_gens):
-            graph.register_generator_state(generator)  # each replay draws fresh numbers
-        try:
-            with torch.cuda.graph(graph):
-                self.graph_values = self._step_values()
-        except RuntimeError as error:  # speed only: the eager step computes the same thing
-            print(f"warning: CUDA graph capture failed ({error}); training continues without it", file=sys.stderr)
-            self.use_graph = False
-            return self._step_values()
-        self.graph = graph
-        graph.replay()  # capturing records the step without running it
-        return self.graph_values.clone()
-
-    # -- one run's share: its networks, and its checkpoint in the format of a run alone -------------------------
-    def view(self, k):
-        """Run k alone, as evaluation and the figures see a run: its flags, its step, and its VAE as a module of
-        its own holding a copy of its weights."""
-        vae = VAE(self.data.channels, self.args.latent_dim).to(self.device)
-        vae.load_state_dict({n: p[k].detach() for n, p in self.vae_params.items()})
-        return types.SimpleNamespace(args=self.members[k], vae=vae, data=self.data, device=self.device, step=self.step,
-                                     content_factors=self.content_factors, train_seconds=self.train_seconds[k])
-
-    def state(self, k, log_sum, log_count):
-        """Run k's checkpoint: the same keys, shapes and optimiser state a run alone saves."""
-        return {"step": self.step, "train_seconds": self.train_seconds[k], "args": public_args(self.members[k]),
-                "vae": {n: p[k].detach().clone() for n, p in self.vae_params.items()},
-                "vae_opt": _optimizer_slice(self.vae_opt, k, self.batched, len(self)),
-                "D": {n: p[k].detach().clone() for n, p in self.d_params.items()} if self.D is not None else None,
-                "d_opt": _optimizer_slice(self.d_opt, k, self.batched, len(self)) if self.D is not None else None,
-                "data_gen": self.data_gens[k].get_state(), "model_gen": self.model_gens[k].get_state(),
-                "torch_rng": torch.get_rng_state(), "log_sum": log_sum, "log_count": log_count}
-
-    def save(self, k, path, log_sum, log_count):
-        state = self.state(k, log_sum, log_count)  # tensors and plain types only: it loads with weights_only=True
-        write_atomic(path, lambda tmp: torch.save(state, tmp))
-
-    def load(self, checkpoints, paths):
-        """Each run's checkpoint (None: a run starting at step 0) into its slice. Runs resumed together must stand
-        at the same step (they share one step counter, and batched, one Adam step count per stacked tensor)."""
-        loaded = [(k, c) for k, c in enumerate(checkpoints) if c is not None]
-        if not loaded:
-            return
-        steps = {c["step"] for _, c in loaded}
-        if len(steps) != 1 or len(loaded) != len(self):
-            raise UserError(f"runs trained together must stand at one step; these stand at {sorted(steps)}"
-                            + ("" if len(loaded) == len(self) else " and 0"))
-        k = 0
-        try:
-            for k, c in loaded:
-                with torch.no_grad():
-                    for name, p in self.vae_params.items():
-                        p[k].copy_(c["vae"][name])
-                    for name, p in self.d_params.items():
-                        p[k].copy_(c["D"][name])
-                try:
-                    self.data_gens[k].set_state(c["data_gen"])
-                    self.model_gens[k].set_state(c["model_gen"])
-                except RuntimeError:  # saved on another kind of device: its generator states do not fit these
-                    print(f"note: the checkpoint's generators belong to another device; continuing with generators "
-                          f"seeded from --seed and step {c['step']}", file=sys.stderr)
-                    self.data_gens[k].manual_seed(self.members[k].seed + 2 * c["step"])
-                    self.model_gens[k].manual_seed(self.members[k].seed + 2 * c["step"] + 1)
-                self.train_seconds[k] = c["train_seconds"]
-            _optimizer_stack(self.vae_opt, [c["vae_opt"] for _, c in loaded], self.batched)
-            if self.D is not None:
-                _optimizer_stack(self.d_opt, [c["d_opt"] for _, c in loaded], self.batched)
-            torch.set_rng_state(loaded[0][1]["torch_rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as error:
-            raise UserError(f"the checkpoint {paths[k]} does not fit the run its flags describe "
-                            f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
-        self.step = steps.pop()
-
-
-def _optimizer_slice(opt, k, batched, S):
-    """Run k's share of the Adam of S runs (over stacked weights when batched, else over run 0's weights, then run
-    1's, ...), as the state_dict of an Adam over its own weights."""
-    sd = opt.state_dict()
-    groups = [dict(g, params=list(range(len(g["params"]) // (1 if batched else S)))) for g in sd["param_groups"]]
-    n = len(groups[0]["params"])
-    if batched:
-        state = {i: {name: (v if name == "step" else v[k]).detach().clone() for name, v in s.items()}
-                 for i, s in sd["state"].items()}
-    else:
-        state = {i: {name: v.detach().clone() for name, v in sd["state"][k * n + i].items()}
-                 for i in range(n) if k * n + i in sd["state"]}
-    return {"state": state, "param_groups": groups}
-
-
-def _optimizer_stack(opt, state_dicts, batched):
-    """The inverse: the Adam states of S runs (one step count) into the Adam of the S runs."""
-    first, S = state_dicts[0], len(state_dicts)
-    n = len(first["param_groups"][0]["params"])
-    if batched:
-        state = {i: {name: (v if name == "step" else torch.stack([sd["state"][i][name] for sd in state_dicts]))
-                     for name, v in s.items()} for i, s in first["state"].items()}
-    else:
-        state = {k * n + i: {name: v.clone() for name, v in s.items()}  # its own memory, not the checkpoint's
-                 for k, sd in enumerate(state_dicts) for i, s in sd["state"].items()}
-    # the saved hyperparameters (lr, betas, eps), this optimiser's implementation (fused, capturable: the device's)
-    own = opt.param_groups[0]
-    groups = [dict(g, params=list(range(len(g["params"]) * (1 if batched else S))),
-                   **{key: own[key] for key in ("fused", "capturable", "foreach", "differentiable") if key in own})
-              for g in first["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def public_args(args):
-    return {k: v for k, v in vars(args).items() if k not in ("given", "sweep")}
-
-
-class StopRequest:
-    """Ctrl-C / SIGTERM: the first asks the loop to checkpoint after the current step; the second stops at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing this step and writing a checkpoint (again to stop at once)", file=sys.stderr)
-
-
-CHECKPOINT_KEYS = ("step", "train_seconds", "args", "vae", "vae_opt", "D", "d_opt", "data_gen", "model_gen",
-                   "torch_rng", "log_sum", "log_count")
-
-
-def load_checkpoint(path):
-    """A checkpoint holds tensors and plain types only; weights_only=True refuses anything else, so loading a file
-    never runs code from it."""
-    try:
-        # On the CPU: generator states must stay CPU byte tensors; load_state_dict moves the rest to the device.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: read when used
-    except Exception as error:
-        raise UserError(f"could not read the checkpoint {path} ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing or not isinstance(checkpoint["args"], dict) or not isinstance(checkpoint["step"], int):
-        raise UserError(f"{path} is not a grouptc checkpoint (missing or wrong: {', '.join(missing) or 'args, step'})")
-    return checkpoint
-
-
-def read_config(path):
-    """A run folder's config.json: the flags that define its run."""
-    try:
-        saved = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"could not read {path} ({error}); it should be the config.json this program wrote") from None
-    if not isinstance(saved, dict) or "model" not in saved:
-        raise UserError(f"{path} is not a grouptc config.json (expected an object of flags)")
-    return saved
-
-
-def prepare_run(args):
-    """Read what args.out already holds, for a run about to train there -> its checkpoint (None: from step 0), or
-    False when the run is finished. The folder's config.json defines its run: --resume continues it from its
-    checkpoint, or restarts it from step 0 when it died before its first checkpoint."""
-    out = Path(args.out)
-    ckpt_path, config_path = out / "checkpoint.pt", out / "config.json"
-    checkpoint = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
-    if not args.resume and (ckpt_path.exists() or config_path.exists() or (out / "metrics.json").exists()):
-        raise UserError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
-    if checkpoint is not None:
-        merge_saved_args(args, checkpoint["args"], ckpt_path)  # the saved --device too, unless typed anew
-        if args.steps < checkpoint["step"]:
-            raise UserError(f"--steps {args.steps} is below the {checkpoint['step']:,} steps the run in {out} has "
-                            f"trained; give --steps {checkpoint['step']} or more (or leave it out)")
-        if args.steps == checkpoint["step"] and (out / "metrics.json").exists():
-            print(f"{out} is finished ({args.steps:,} steps, evaluated); nothing to do. --eval-only evaluates it "
-                  "again", file=sys.stderr)
-            return False
-    elif args.resume and config_path.exists():
-        merge_saved_args(args, read_config(config_path), config_path)
-        print(f"{out} has no checkpoint (its run stopped before the first one): restarting the run its config.json "
-              "defines from step 0", file=sys.stderr)
-    return checkpoint
-
-
-class RunLog:
-    """A run's log.csv (one row every --log-every steps) and, in a sweep, its own copy of the progress lines
-    (train.log), since the terminal shows the sweep's."""
-
-    def __init__(self, args, names, step, sweep):
-        self.out, self.names, self.sweep = Path(args.out), names, sweep
-        path = self.out / "log.csv"
-        rows = read_log(path) if path.exists() and step > 0 else []
-        rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]  # rows after the
-        # checkpoint are dropped (and so is a row a crash cut short)
-
-        def write(tmp):
-            with open(tmp, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["step", *names, "ms_per_step"])
-                writer.writerows([[r["step"], *[r[n] for n in names], r["ms_per_step"]] for r in rows])
-        write_atomic(path, write)
-
-    def row(self, step, means, ms):
-        with open(self.out / "log.csv", "a", newline="") as f:
-            csv.writer(f).writerow([step, *[f"{v:.6g}" for v in means], f"{ms:.2f}"])
-
-    def say(self, line):
-        if self.sweep:
-            with open(self.out / "train.log", "a") as f:
-                f.write(line + "\n")
+def build_runs(members, checkpoints=None, paths=None):
+    """The Runs of these flags (one data set, on one device), each loaded from its checkpoint (None: step 0)."""
+    a = members[0]
+    device = resolve_device(a.device)
+    data = load_dataset(a.dataset, a.data_dir, device, a.allow_subgrid)
+    names = a.content_factors if a.content_factors is not None else data.content_factors
+    content_factors = resolve_factors(names, list(data.factor_names))
+    runs = [Run(m, data, content_factors, device) for m in members]
+    for run, checkpoint, path in zip(runs, checkpoints or [None] * len(runs), paths or [None] * len(runs)):
+        if checkpoint is not None:
+            run.load(checkpoint, path)
+    steps = {r.step for r in runs}
+    if len(steps) != 1:  # they share one step counter (and, stacked, one Adam step count per tensor)
+        raise UserError(f"runs trained together must stand at one step; these stand at {sorted(steps)}")
+    return runs
 
 
 def progress_line(step, total, names, means, ms):
@@ -1538,60 +1669,63 @@ def progress_line(step, total, names, means, ms):
             f"  {ms:.1f} ms/step  ETA {format_seconds(eta)}")
 
 
+def format_seconds(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def train(members, sweep=False):
     """Train a set of runs together (one: an ordinary run, unless sweep says it belongs to one), each into its own
     folder (held by this process).
-    Returns (Run, the indices of the runs that trained to the end), or None when every run was finished before.
+    Returns (Sweep, the indices of the runs that trained to the end), or None when every run was finished before.
     Writes each run's config.json, log.csv and checkpoint.pt; a run whose loss goes NaN stops alone."""
-    members = members if isinstance(members, list) else [members]
     checkpoints = [prepare_run(m) for m in members]
     members = [m for m, c in zip(members, checkpoints) if c is not False]
     checkpoints = [c for c in checkpoints if c is not False]
     if not members:
         return None
     a, S, sweep = members[0], len(members), sweep or len(members) > 1
-    device = resolve_device(a.device)
-    run = Run(members, device)
-    names = TERMS[a.model]
-    log_sum, log_count = torch.zeros(S, len(names), device=device), 0
     ckpt_paths = [Path(m.out) / "checkpoint.pt" for m in members]
+    runs = Sweep(build_runs(members, checkpoints, ckpt_paths))
+    device, names = runs.runs[0].device, MODELS[a.model].terms
+    log_sum, log_count = torch.zeros(S, len(names), device=device), 0
     if any(c is not None for c in checkpoints):
-        run.load(checkpoints, ckpt_paths)
         log_sum = torch.stack([c["log_sum"] for c in checkpoints]).to(device)
         log_count = checkpoints[0]["log_count"]
-        print(f"resuming {a.out if not sweep else f'{S} run' + 's' * (S > 1)} at step {run.step:,}", file=sys.stderr)
+        print(f"resuming {a.out if not sweep else f'{S} run' + 's' * (S > 1)} at step {runs.step:,}", file=sys.stderr)
     logs = []
     for m in members:
         write_text_atomic(Path(m.out) / "config.json", json.dumps(public_args(m), indent=2) + "\n")
-        logs.append(RunLog(m, names, run.step, sweep))
+        logs.append(RunLog(m, names, runs.step, sweep))
     alive = list(range(S))
 
     stop = StopRequest()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    what = (f"{S} run{'s' * (S > 1)} (seed {', '.join(sorted({f'{m.seed}' for m in members}, key=int))}; beta "
-            f"{', '.join(sorted({f'{m.beta:g}' for m in members}, key=float))}" +
-            (f"; gamma {', '.join(sorted({f'{m.gamma:g}' for m in members}, key=float))}"
-             if a.model == "group_tcvae" else "") + ")" if sweep else
+    listed = lambda key: ", ".join(f"{v:g}" for v in sorted({getattr(m, key) for m in members}))  # noqa: E731
+    what = (f"{S} run{'s' * (S > 1)} (seed {', '.join(str(s) for s in sorted({m.seed for m in members}))}; beta "
+            f"{listed('beta')}"
+            + (f"; gamma {listed('gamma')}" if a.model == "group_tcvae" else "") + ")" if sweep else
             f"beta {a.beta:g}" + (f", gamma {a.gamma:g}" if a.model == "group_tcvae" else ""))
-    print(f"training {a.model} on {run.data.name} ({device}): {a.steps:,} steps of {a.batch_size} groups of "
+    print(f"training {a.model} on {runs.runs[0].data.name} ({device}): {a.steps:,} steps of {a.batch_size} groups of "
           f"{a.group_size}, {what}" + (f", TC level {a.tc_level}" if a.model == "group_tcvae" else ""),
           file=sys.stderr)
-    last_step, last_time = run.step, time.perf_counter()
+    last_step, last_time = runs.step, time.perf_counter()
     try:
-        while run.step < a.steps and not stop.requested and alive:
-            log_sum += run.train_step()
+        while runs.step < a.steps and not stop.requested and alive:
+            log_sum += runs.train_step()
             log_count += 1
-            at_log, at_ckpt = run.step % a.log_every == 0 or run.step == a.steps, run.step % a.checkpoint_every == 0
+            step = runs.step
+            at_log, at_ckpt = step % a.log_every == 0 or step == a.steps, step % a.checkpoint_every == 0
             if not (at_log or at_ckpt):
                 continue
             means = (log_sum / max(log_count, 1)).tolist()  # the one host sync, every log / checkpoint step
             now = time.perf_counter()
             for k in alive:
-                run.train_seconds[k] += now - last_time
+                runs.runs[k].train_seconds += now - last_time
             for k in list(alive):
                 if all(math.isfinite(v) for v in means[k]):
                     continue
-                message = (f"the loss became NaN or infinite between steps {last_step:,} and {run.step:,} "
+                message = (f"the loss became NaN or infinite between steps {last_step:,} and {step:,} "
                            f"({dict(zip(names, means[k]))}); stopped. The last good checkpoint is kept at "
                            f"{ckpt_paths[k] if ckpt_paths[k].exists() else '(none written yet)'}")
                 if not sweep:
@@ -1599,79 +1733,82 @@ def train(members, sweep=False):
                 logs[k].say(message)
                 print(f"{members[k].out}: {message}; the other runs go on", file=sys.stderr)
                 alive.remove(k)
-            ms = 1000 * (now - last_time) / max(run.step - last_step, 1)
+            ms = 1000 * (now - last_time) / max(step - last_step, 1)
             if at_log:
                 for k in alive:
-                    logs[k].row(run.step, means[k], ms)
-                    logs[k].say(progress_line(run.step, a.steps, names, means[k], ms))
+                    logs[k].row(step, means[k], ms)
+                    logs[k].say(progress_line(step, a.steps, names, means[k], ms))
                 if not sweep:
-                    print(progress_line(run.step, a.steps, names, means[0], ms), file=sys.stderr)
+                    print(progress_line(step, a.steps, names, means[0], ms), file=sys.stderr)
                 elif alive:
                     loss = np.array([means[k][0] for k in alive])
-                    print(progress_line(run.step, a.steps, [f"{len(alive)}/{S} runs, loss min", "median", "max"],
+                    print(progress_line(step, a.steps, [f"{len(alive)}/{S} runs, loss min", "median", "max"],
                                         [loss.min(), np.median(loss), loss.max()], ms), file=sys.stderr)
                 log_sum, log_count = torch.zeros_like(log_sum), 0
-            if at_ckpt or run.step == a.steps:
+            if at_ckpt or step == a.steps:
                 for k in alive:
-                    run.save(k, ckpt_paths[k], log_sum[k], log_count)
-            last_step, last_time = run.step, time.perf_counter()
+                    runs.save(k, ckpt_paths[k], log_sum[k], log_count)
+            last_step, last_time = step, time.perf_counter()
         for k in alive:
-            run.train_seconds[k] += time.perf_counter() - last_time
+            runs.runs[k].train_seconds += time.perf_counter() - last_time
         if stop.requested:
             for k in alive:
                 if torch.isfinite(log_sum[k]).all():
-                    run.save(k, ckpt_paths[k], log_sum[k], log_count)
+                    runs.save(k, ckpt_paths[k], log_sum[k], log_count)
             where = a.out if not sweep else Path(a.out).parent
-            print(f"stopped at step {run.step:,}; checkpoint{'s' if sweep else ''} written. Continue with: "
+            print(f"stopped at step {runs.step:,}; checkpoint{'s' if sweep else ''} written. Continue with: "
                   f"python grouptc.py --resume --out {where}", file=sys.stderr)
             raise SystemExit(130)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return run, alive
+    return runs, alive
 
 
-def merge_saved_args(args, saved, path):
-    """A resumed or re-evaluated run keeps its saved flags; a run-defining flag typed anew must agree. The merged
-    flags pass the same checks as typed ones."""
-    known = set(vars(args))
-    for key, value in saved.items():
-        if key not in known or key in ("given", "resume", "eval_only", "out", "summarize"):
-            continue
-        typed = getattr(args, key)
-        if key in args.given and key in RUN_DEFINING and typed is not None and not _same_flag(key, typed, value,
-                                                                                                saved):
-            raise UserError(f"--{key.replace('_', '-')} {typed} differs from the run in {path.parent} "
-                            f"({value}); leave it out to keep the saved value, or use another --out")
-        if key not in args.given:
-            setattr(args, key, value)
-    try:
-        check_args(args)
-    except UserError as error:
-        raise UserError(f"{path} holds a flag this program refuses: {error}") from None
+def train_sweep(args, members):
+    """A sweep: its runs trained together, then each evaluated into its own folder. The sweep's folder holds
+    sweep.json (its flags: --resume on it continues every unfinished run) and a folder per run, each a run in its
+    own right (--resume, --eval-only, --summarize work on it alone). Runs that stand at different steps (one was
+    resumed alone, say) train in turn, each set together. Returns the exit status: 2 if a run's loss went NaN."""
+    out = Path(args.out)
+    if not args.resume and (out / "sweep.json").exists():
+        raise UserError(f"--out {out} already holds a sweep; pass --resume to continue it, or choose another --out")
+    with contextlib.ExitStack() as held:
+        held.enter_context(RunFolderLock(out))
+        for m in members:
+            held.enter_context(RunFolderLock(m.out))
+        flags = public_args(args) | {"resume": False}
+        write_text_atomic(out / "sweep.json", json.dumps(flags, indent=2) + "\n")
+        steps = {}
+        for m in members:  # set apart by the step each stands at (what is finished or fresh is sorted by train())
+            ckpt = Path(m.out) / "checkpoint.pt"
+            steps.setdefault(load_checkpoint(ckpt)["step"] if args.resume and ckpt.exists() else 0, []).append(m)
+        failed = 0
+        for step in sorted(steps):
+            trained = train(steps[step], sweep=True)
+            if trained is None:
+                continue
+            runs, alive = trained
+            failed += len(runs) - len(alive)
+            for k in alive:
+                evaluate_and_plot(runs.runs[k], runs.runs[k].args.out, args.eval_samples)
+    if failed:
+        print(f"{failed} of {len(members)} runs stopped on a NaN or infinite loss (see their train.log)",
+              file=sys.stderr)
+    return 2 if failed else 0
 
 
-def _same_flag(key, typed, saved_value, saved):
-    """Whether a flag typed anew says what the saved one says (the default content factors, typed out, do)."""
-    if key != "content_factors":
-        return typed == saved_value
-    defaults = DEFAULT_CONTENT.get(saved.get("dataset"), ())
-    names = lambda v: set(defaults) if v is None else {n.strip() for n in str(v).split(",") if n.strip()}
-    return names(typed) == names(saved_value)
-
-
-def read_log(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def format_seconds(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+def eval_only(args):
+    """Evaluate the run saved in args.out again: metrics.json and the figures."""
+    path = Path(args.out) / "checkpoint.pt"
+    checkpoint = load_checkpoint(path)
+    merge_saved_args(args, checkpoint["args"], path)
+    run, = build_runs([args], [checkpoint], [path])
+    return evaluate_and_plot(run, args.out, args.eval_samples)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation and figures.
+# Evaluation and figures: the scores of a run, Figure 3(a), Figure 5, the training curves.
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_means(vae, data, classes, batch=1024):
@@ -1685,29 +1822,31 @@ def encode_means(vae, data, classes, batch=1024):
     return torch.cat(codes).double().numpy()
 
 
-def evaluate(run, n_samples, seed=0):
-    """MIG and group-MIG of the encoder means of n_samples uniform random points (0: every point)."""
-    data, a = run.data, run.args
+SCORES = {"mig": "MIG", "group_mig": "group-MIG"}  # what evaluate() scores: metrics.json key -> name in tables
+
+
+def evaluate(vae, data, content_factors, content_dims, n_samples=10_000, seed=0):
+    """MIG and group-MIG of the encoder means of n_samples uniform random points of `data` (0: every point).
+    content_factors: indices of the content factors; z_c is the last content_dims dims of the code.
+    -> (scores, codes): scores with every key of SCORES, the MI matrix and what it is over; codes (N, L)."""
     if n_samples == 0:
-        classes = index_to_classes(torch.arange(data.num_points, device=run.device), data.factor_sizes)
+        classes = index_to_classes(torch.arange(data.num_points, device=data.device), data.factor_sizes)
     else:
-        gen = torch.Generator(device=run.device).manual_seed(seed + 7)
+        gen = torch.Generator(device=data.device).manual_seed(seed + 7)
         classes = uniform_classes(data.factor_sizes, (n_samples,), gen)
     t0 = time.perf_counter()
-    codes = encode_means(run.vae, data, classes)
-    factors = classes.cpu().numpy()
-    mi, H = mutual_info_and_entropy(codes, factors)
-    content_latents = list(range(a.latent_dim - a.content_dims, a.latent_dim))
-    metrics = {
+    codes = encode_means(vae, data, classes)
+    mi, H = mutual_info_and_entropy(codes, classes.cpu().numpy())
+    L = codes.shape[1]
+    content_latents = list(range(L - content_dims, L))
+    scores = {
         "mig": mig_from_matrix(mi, H),
-        "group_mig": group_mig_from_matrix(mi, H, content_latents, run.content_factors),
+        "group_mig": group_mig_from_matrix(mi, H, content_latents, content_factors),
         "mi_matrix": mi.tolist(), "factor_entropy": H.tolist(), "factor_names": list(data.factor_names),
-        "content_factors": [data.factor_names[k] for k in run.content_factors], "content_latents": content_latents,
-        "model": a.model, "dataset": a.dataset, "steps": run.step, "train_seconds": round(run.train_seconds, 3),
+        "content_factors": [data.factor_names[k] for k in content_factors], "content_latents": content_latents,
         "eval_samples": len(codes), "eval_seconds": round(time.perf_counter() - t0, 3),
-        "beta": a.beta, "gamma": a.gamma, "group_size": a.group_size, "tc_level": a.tc_level, "seed": a.seed,
     }
-    return metrics, codes
+    return scores, codes
 
 
 def _plt():
@@ -1824,69 +1963,34 @@ def plot_training_curves(log_path, path):
 
 
 def evaluate_and_plot(run, out, n_samples):
-    out = Path(out)
+    """Evaluate a Run into its folder: metrics.json (the scores and the run's settings) and the figures."""
+    out, a = Path(out), run.args
     print(f"evaluating on {n_samples or run.data.num_points:,} points", file=sys.stderr)
-    metrics, codes = evaluate(run, n_samples, run.args.seed)
-    if not all(math.isfinite(metrics[k]) for k in ("mig", "group_mig")):
-        raise UserError(f"the evaluation on {metrics['eval_samples']:,} points gave MIG {metrics['mig']} and group-MIG "
-                        f"{metrics['group_mig']} (every factor took a single value there); nothing was written. "
+    scores, codes = evaluate(run.vae, run.data, run.content_factors, a.content_dims, n_samples, a.seed)
+    if not all(math.isfinite(scores[k]) for k in SCORES):
+        raise UserError(f"the evaluation on {scores['eval_samples']:,} points gave "
+                        + ", ".join(f"{name} {scores[k]}" for k, name in SCORES.items())
+                        + " (every factor took a single value there); nothing was written. "
                         f"Evaluate on more points: --eval-only --out {out} --eval-samples 10000")
+    metrics = scores | {"model": a.model, "dataset": a.dataset, "steps": run.step,
+                        "train_seconds": round(run.train_seconds, 3), "beta": a.beta, "gamma": a.gamma,
+                        "group_size": a.group_size, "tc_level": a.tc_level, "seed": a.seed}
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False) + "\n")
     plot_mi_matrix(metrics, out / "mi_matrix.png")
-    plot_reconstructions(run, out / "reconstructions.png", seed=run.args.seed)
-    plot_traversals(run, codes, out / "traversals.png", seed=run.args.seed)
+    plot_reconstructions(run, out / "reconstructions.png", seed=a.seed)
+    plot_traversals(run, codes, out / "traversals.png", seed=a.seed)
     if (out / "log.csv").exists():
         plot_training_curves(out / "log.csv", out / "training_curves.png")
-    print(f"MIG {metrics['mig']:.4f}  group-MIG {metrics['group_mig']:.4f}  -> {out}/metrics.json", file=sys.stderr)
+    print("  ".join(f"{name} {scores[k]:.4f}" for k, name in SCORES.items()) + f"  -> {out}/metrics.json",
+          file=sys.stderr)
     return metrics
 
 
-def train_sweep(args):
-    """A sweep: its runs trained together, then each evaluated into its own folder. The sweep's folder holds
-    sweep.json (its flags: --resume on it continues every unfinished run) and a folder per run, each a run in its
-    own right (--resume, --eval-only, --summarize work on it alone). Runs that stand at different steps (one was
-    resumed alone, say) train in turn, each set together. Returns the exit status: 2 if a run's loss went NaN."""
-    out = Path(args.out)
-    if not args.resume and (out / "sweep.json").exists():
-        raise UserError(f"--out {out} already holds a sweep; pass --resume to continue it, or choose another --out")
-    members = sweep_members(args)
-    with contextlib.ExitStack() as held:
-        held.enter_context(RunFolderLock(out))
-        for m in members:
-            held.enter_context(RunFolderLock(m.out))
-        flags = public_args(args) | {"resume": False}
-        write_text_atomic(out / "sweep.json", json.dumps(flags, indent=2) + "\n")
-        steps = {}
-        for m in members:  # set apart by the step each stands at (what is finished or fresh is sorted by train())
-            ckpt = Path(m.out) / "checkpoint.pt"
-            steps.setdefault(load_checkpoint(ckpt)["step"] if args.resume and ckpt.exists() else 0, []).append(m)
-        failed = 0
-        for step in sorted(steps):
-            trained = train(steps[step], sweep=True)
-            if trained is None:
-                continue
-            run, alive = trained
-            failed += len(run) - len(alive)
-            for k in alive:
-                evaluate_and_plot(run.view(k), run.members[k].out, args.eval_samples)
-    if failed:
-        print(f"{failed} of {len(members)} runs stopped on a NaN or infinite loss (see their train.log)",
-              file=sys.stderr)
-    return 2 if failed else 0
-
-
-def eval_only(args):
-    out = Path(args.out)
-    ckpt_path = out / "checkpoint.pt"
-    checkpoint = load_checkpoint(ckpt_path)
-    merge_saved_args(args, checkpoint["args"], ckpt_path)
-    run = Run([args], resolve_device(args.device))
-    run.load([checkpoint], [ckpt_path])
-    return evaluate_and_plot(run.view(0), out, args.eval_samples)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Summary of a grid of runs: Figure 4 (densities), Figure 3(b) (content vs non-content), Figure 3(c) (group size).
+# Summary of a grid of runs: results.md, Figure 4 (densities), Figure 3(b) (content vs non-content), Figure 3(c)
+# (group size). Driven by MODELS and SCORES: a model or a score they do not list is shown plainly, never an error.
 # ----------------------------------------------------------------------------------------------------------------
 def _legend(ax):
     if ax.get_legend_handles_labels()[0]:  # an empty legend is a matplotlib warning
@@ -1898,6 +2002,14 @@ def _density(values, grid):
     values = np.asarray(values, float)
     bw = max(1.06 * values.std() * len(values) ** -0.2, 0.01)
     return np.exp(-0.5 * ((grid[:, None] - values[None]) / bw) ** 2).sum(1) / (len(values) * bw * np.sqrt(2 * np.pi))
+
+
+def _color(model):
+    return MODELS[model].color if model in MODELS else "tab:gray"
+
+
+def _model_order(model):
+    return (list(MODELS).index(model) if model in MODELS else len(MODELS), model)
 
 
 def run_label(m):
@@ -1920,7 +2032,7 @@ def load_runs(runs_dir):
             mi = np.array(m["mi_matrix"], float)
             K = len(m["factor_names"])
             if not (mi.ndim == 2 and mi.shape[1] == K == len(m["factor_entropy"])
-                    and math.isfinite(m["mig"]) and math.isfinite(m["group_mig"])
+                    and all(math.isfinite(m[k]) for k in SCORES if k in m)
                     and set(m["content_factors"]) <= set(m["factor_names"])
                     and all(0 <= i < len(mi) for i in m["content_latents"])):
                 raise ValueError("its MI matrix, factors or scores do not agree")
@@ -1933,134 +2045,166 @@ def load_runs(runs_dir):
     return runs
 
 
-def factor_gaps(m):
-    """Per factor of a run: its MIG gap and its group-MIG gap, each over H(v_k) (NaN for one-valued factors)."""
+PER_FACTOR = {  # score -> (its gap per factor: (L, K) MI matrix, metrics -> (K,)), what the row means
+    "mig": (lambda mi, m: mig_gaps(mi),
+            "The gap between the two latents that know the factor best; MIG is the mean of this row."),
+    "group_mig": (lambda mi, m: group_gaps(mi, m["content_latents"],
+                                           [m["factor_names"].index(n) for n in m["content_factors"]]),
+                  "Best latent of the factor's own group minus the best of the other group; group-MIG is the mean "
+                  "of this row."),
+}
+
+
+def factor_gaps(m, score):
+    """Per factor of a run: its gap for `score` (a key of PER_FACTOR) over H(v_k) (NaN for one-valued factors)."""
     mi, H = np.array(m["mi_matrix"]), np.array(m["factor_entropy"])
-    content = [m["factor_names"].index(n) for n in m["content_factors"]]
-    H = np.where(H > 0, H, np.nan)
-    return mig_gaps(mi) / H, group_gaps(mi, m["content_latents"], content) / H
+    return PER_FACTOR[score][0](mi, m) / np.where(H > 0, H, np.nan)
 
 
 def split_group_mig(m):
     """group-MIG over the content factors alone and over the non-content factors alone (Figure 3b)."""
-    per_factor = factor_gaps(m)[1]
+    per_factor = factor_gaps(m, "group_mig")
     is_content = np.isin(m["factor_names"], m["content_factors"])
     return float(np.nanmean(per_factor[is_content])), float(np.nanmean(per_factor[~is_content]))
 
 
+def _stat(group, score, reduce):
+    values = [m[score] for m in group if score in m]
+    return f"{reduce(values):.3f}" if values else "-"
+
+
+def results_table(rs, dataset):
+    """results.md's section for one data set: per model, per setting (each seed), per factor."""
+    scores = [k for k in SCORES if any(k in m for m in rs)]
+    lines = [f"## {dataset}", "", "| model | runs | steps | " + " | ".join(
+        f"{SCORES[k]} {s}" for k in scores for s in ("mean", "median", "best")) + " |",
+        "|---|---|---|" + "---|" * 3 * len(scores)]
+    order = lambda label: (_model_order(label.split()[0]), label)  # noqa: E731
+    for label in sorted({run_label(m) for m in rs}, key=order):
+        group = [m for m in rs if run_label(m) == label]
+        steps = sorted({m["steps"] for m in group})
+        lines.append(f"| {label} | {len(group)} | {', '.join(f'{s:,}' for s in steps)} | " + " | ".join(
+            _stat(group, k, f) for k in scores for f in (np.mean, np.median, np.max)) + " |")
+    lines += ["", "Per setting (mean over seeds; then each seed's score, in seed order):", "",
+              "| model | beta | gamma | runs | " + " | ".join(f"{SCORES[k]} mean" for k in scores) + " | "
+              + " | ".join(f"{SCORES[k]} per seed" for k in scores) + " |",
+              "|---|---|---|---|" + "---|" * 2 * len(scores)]
+    settings = sorted({(run_label(m), m["beta"], m["gamma"]) for m in rs}, key=lambda s: (order(s[0]), s[1:]))
+    by_setting = {key: sorted([m for m in rs if (run_label(m), m["beta"], m["gamma"]) == key],
+                              key=lambda m: m.get("seed", 0)) for key in settings}
+    for (label, beta, gamma), group in by_setting.items():
+        seeds = lambda k: ", ".join(f"{m[k]:.3f}" if k in m else "-" for m in group)  # noqa: E731
+        lines.append(f"| {label} | {beta:g} | {gamma:g} | {len(group)} | "
+                     + " | ".join(_stat(group, k, np.mean) for k in scores) + " | "
+                     + " | ".join(seeds(k) for k in scores) + " |")
+    names, content = rs[0]["factor_names"], set(rs[0]["content_factors"])
+    for score in (k for k in scores if k in PER_FACTOR):
+        lines += ["", f"Per factor: {SCORES[score]} gap over H(v), mean over seeds (c: content factor, \\c: the "
+                  f"others). {PER_FACTOR[score][1]}", "",
+                  "| model | beta | gamma | " + " | ".join(("c: " if n in content else "\\c: ") + n for n in names)
+                  + " |", "|---|---|---|" + "---|" * len(names)]
+        for (label, beta, gamma), group in by_setting.items():
+            gaps = np.nanmean([factor_gaps(m, score) for m in group], axis=0)
+            lines.append(f"| {label} | {beta:g} | {gamma:g} | " + " | ".join(f"{g:.3f}" for g in gaps) + " |")
+    return lines + [""]
+
+
+def figure_4(rs, dataset, path):
+    """Figure 4: the density of each score per model over the paper's main grid (pairs, TC inter); points alone
+    for a model with fewer than 3 runs."""
+    plt = _plt()
+    main_runs = [m for m in rs if run_label(m) == m["model"]]
+    scores = [k for k in sorted(SCORES, key=lambda k: k != "group_mig") if any(k in m for m in main_runs)]
+    fig, axes = plt.subplots(1, max(len(scores), 1), figsize=(4.5 * max(len(scores), 1), 3.6), squeeze=False)
+    left_out = len(rs) - len(main_runs)
+    for ax, key in zip(axes[0], scores):
+        title = SCORES[key]
+        values = [m[key] for m in main_runs if key in m]
+        grid = np.linspace(min(values + [0.0]) - 0.05, max(values + [0.0]) + 0.05, 300)
+        for model in sorted({m["model"] for m in main_runs}, key=_model_order):
+            v = [m[key] for m in main_runs if m["model"] == model and key in m]
+            if len(v) >= 3:
+                ax.plot(grid, _density(v, grid), color=_color(model), label=f"{model} (n={len(v)})")
+                ax.fill_between(grid, _density(v, grid), color=_color(model), alpha=0.15)
+                ax.plot(v, np.zeros(len(v)), "|", color=_color(model), ms=12)
+            elif v:
+                ax.plot(v, np.zeros(len(v)), "o", color=_color(model), ms=6, label=f"{model} (n={len(v)}, points)")
+        ax.set_title(f"{title}, {len(main_runs)} runs of the paper's grid ({dataset})\n(pairs, TC inter; every "
+                     f"beta and gamma" + (f"; {left_out} other runs not shown)" if left_out else ")"), fontsize=9)
+        ax.set_xlabel(f"{title} (higher is better)")
+        _legend(ax)
+    fig.tight_layout()
+    save_figure(fig, path, 110)
+
+
+def figure_3b(rs, dataset, path):
+    """Figure 3(b): group-MIG of the content and of the non-content factors, over the baselines' runs of pairs."""
+    plt = _plt()
+    main_runs = [m for m in rs if run_label(m) == m["model"] and m["model"] in MODELS
+                 and MODELS[m["model"]].baseline]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    positions, ticks = 0, []
+    for model in sorted({m["model"] for m in main_runs}, key=_model_order):
+        parts = [split_group_mig(m) for m in main_runs if m["model"] == model]
+        for j, name in enumerate(("content", "non-content")):
+            v = [p[j] for p in parts]
+            ax.boxplot([v], positions=[positions], widths=0.6)
+            ax.plot(np.full(len(v), positions) + np.linspace(-0.15, 0.15, len(v)), v, "o", color=_color(model),
+                    alpha=0.7, ms=4)
+            ticks.append((positions, f"{model}\n{name}"))
+            positions += 1
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xticks([t[0] for t in ticks], [t[1] for t in ticks], fontsize=8)
+    ax.set_ylabel("group-MIG")
+    betas = sorted({m["beta"] for m in main_runs})
+    ax.set_title(f"Figure 3(b), {dataset}: group-MIG of content vs non-content\n(baselines' runs of pairs at "
+                 f"beta {', '.join(f'{b:g}' for b in betas)})", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, 110)
+
+
+def figure_3c(rs, dataset, path):
+    """Figure 3(c): the baselines' MIG against the number of observations sharing a group. The runs at larger
+    groups use the baselines' first beta; pairs are compared at the same beta(s)."""
+    plt = _plt()
+    base = [m for m in rs if m["model"] in MODELS and MODELS[m["model"]].baseline and "mig" in m]
+    betas = sorted({m["beta"] for m in base if m.get("group_size", 2) != 2}) or sorted({m["beta"] for m in base})
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for model in sorted({m["model"] for m in base}, key=_model_order):
+        by_size = {}
+        for m in base:
+            if m["model"] == model and m["beta"] in betas:
+                by_size.setdefault(m.get("group_size", 2), []).append(m["mig"])
+        sizes = sorted(by_size)
+        if not sizes:
+            continue
+        for s in sizes:
+            ax.plot(np.full(len(by_size[s]), s), by_size[s], "o", color=_color(model), alpha=0.4, ms=4)
+        ax.errorbar(sizes, [np.mean(by_size[s]) for s in sizes], [np.std(by_size[s]) for s in sizes],
+                    color=_color(model), marker="s", capsize=3, label=model)
+    ax.set_xlabel("observations per group (--group-size)")
+    ax.set_ylabel("MIG")
+    ax.set_title(f"Figure 3(c), {dataset}: MIG vs group size\n(baselines' runs at beta "
+                 f"{', '.join(f'{b:g}' for b in betas)})", fontsize=9)
+    _legend(ax)
+    fig.tight_layout()
+    save_figure(fig, path, 110)
+
+
 def summarize(runs_dir):
     """Figures 4, 3(b), 3(c) per data set and results.md, from every metrics.json under runs_dir."""
-    plt = _plt()
     runs_dir = Path(runs_dir)
     runs = load_runs(runs_dir)
     if not runs:
         raise UserError(f"--summarize: no metrics.json under {runs_dir}; point it at a folder of finished runs")
     lines = [f"# Results: {len(runs)} runs under {runs_dir}", "",
              "MIG and group-MIG: disentanglement_lib's discrete estimator (20 bins, encoder means).", ""]
-    colors = {"group_tcvae": "tab:red", "mlvae": "tab:blue", "gvae": "tab:green"}
     for dataset in sorted({m["dataset"] for m in runs}):
         rs = [m for m in runs if m["dataset"] == dataset]
-        lines += [f"## {dataset}", "", "| model | runs | steps | MIG mean | MIG median | MIG best | "
-                  "group-MIG mean | group-MIG median | group-MIG best |", "|---|---|---|---|---|---|---|---|---|"]
-        labels = sorted({run_label(m) for m in rs}, key=lambda s: (s.split()[0] != "group_tcvae", s))
-        for label in labels:
-            group = [m for m in rs if run_label(m) == label]
-            a, b = np.array([m["mig"] for m in group]), np.array([m["group_mig"] for m in group])
-            steps = sorted({m["steps"] for m in group})
-            lines.append(f"| {label} | {len(group)} | {', '.join(f'{s:,}' for s in steps)} | {a.mean():.3f} | "
-                         f"{np.median(a):.3f} | {a.max():.3f} | {b.mean():.3f} | {np.median(b):.3f} | {b.max():.3f} |")
-        lines += ["", "Per setting (mean over seeds; then each seed's score, in seed order):", "",
-                  "| model | beta | gamma | runs | MIG mean | group-MIG mean | MIG per seed | group-MIG per seed |",
-                  "|---|---|---|---|---|---|---|---|"]
-        settings = sorted({(run_label(m), m["beta"], m["gamma"]) for m in rs},
-                          key=lambda s: (s[0].split()[0] != "group_tcvae", s))
-        by_setting = {key: sorted([m for m in rs if (run_label(m), m["beta"], m["gamma"]) == key],
-                                  key=lambda m: m.get("seed", 0)) for key in settings}
-        for (label, beta, gamma), group in by_setting.items():
-            seeds = lambda k: ", ".join(f"{m[k]:.3f}" for m in group)
-            lines.append(f"| {label} | {beta:g} | {gamma:g} | {len(group)} | "
-                         f"{np.mean([m['mig'] for m in group]):.3f} | {np.mean([m['group_mig'] for m in group]):.3f} | "
-                         f"{seeds('mig')} | {seeds('group_mig')} |")
-        names = rs[0]["factor_names"]
-        content = set(rs[0]["content_factors"])
-        for j, what in enumerate(("MIG gap", "group-MIG gap")):
-            lines += ["", f"Per factor: {what} over H(v), mean over seeds (c: content factor, \\c: the others). "
-                      + ("The gap between the two latents that know the factor best; MIG is the mean of this row."
-                         if j == 0 else "Best latent of the factor's own group minus the best of the other group; "
-                         "group-MIG is the mean of this row."), "",
-                      "| model | beta | gamma | " + " | ".join(("c: " if n in content else "\\c: ") + n
-                                                         for n in names) + " |",
-                      "|---|---|---|" + "---|" * len(names)]
-            for (label, beta, gamma), group in by_setting.items():
-                gaps = np.nanmean([factor_gaps(m)[j] for m in group], axis=0)
-                lines.append(f"| {label} | {beta:g} | {gamma:g} | " + " | ".join(f"{g:.3f}" for g in gaps) + " |")
-        lines.append("")
-        main_runs = [m for m in rs if run_label(m) == m["model"]]  # the paper's grid: pairs, TC inter
-        # Figure 4: density of MIG and group-MIG per model (points alone for a model with fewer than 3 runs).
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        left_out = len(rs) - len(main_runs)
-        for ax, key, title in zip(axes, ("group_mig", "mig"), ("group-MIG", "MIG")):
-            values = [m[key] for m in main_runs]
-            lo, hi = min(values + [0.0]) - 0.05, max(values + [0.0]) + 0.05
-            grid = np.linspace(lo, hi, 300)
-            for model in MODELS:
-                v = [m[key] for m in main_runs if m["model"] == model]
-                if len(v) >= 3:
-                    ax.plot(grid, _density(v, grid), color=colors[model], label=f"{model} (n={len(v)})")
-                    ax.fill_between(grid, _density(v, grid), color=colors[model], alpha=0.15)
-                    ax.plot(v, np.zeros(len(v)), "|", color=colors[model], ms=12)
-                elif v:
-                    ax.plot(v, np.zeros(len(v)), "o", color=colors[model], ms=6, label=f"{model} (n={len(v)}, points)")
-            ax.set_title(f"{title}, {len(main_runs)} runs of the paper's grid ({dataset})\n(pairs, TC inter; every "
-                         f"beta and gamma" + (f"; {left_out} other runs not shown)" if left_out else ")"), fontsize=9)
-            ax.set_xlabel(f"{title} (higher is better)")
-            _legend(ax)
-        fig.tight_layout()
-        save_figure(fig, runs_dir / f"figure4_{dataset}.png", 110)
-        # Figure 3(b): group-MIG of the content and non-content factors, baselines' runs.
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        positions, ticks = 0, []
-        for model in ("mlvae", "gvae"):
-            parts = [split_group_mig(m) for m in main_runs if m["model"] == model]
-            for j, name in enumerate(("content", "non-content")):
-                v = [p[j] for p in parts]
-                if v:
-                    ax.boxplot([v], positions=[positions], widths=0.6)
-                    ax.plot(np.full(len(v), positions) + np.linspace(-0.15, 0.15, len(v)), v, "o",
-                            color=colors[model], alpha=0.7, ms=4)
-                ticks.append((positions, f"{model}\n{name}"))
-                positions += 1
-        ax.axhline(0, color="gray", lw=0.8)
-        ax.set_xticks([t[0] for t in ticks], [t[1] for t in ticks], fontsize=8)
-        ax.set_ylabel("group-MIG")
-        betas = sorted({m["beta"] for m in main_runs if m["model"] != "group_tcvae"})
-        ax.set_title(f"Figure 3(b), {dataset}: group-MIG of content vs non-content\n(MLVAE, GVAE runs of pairs at "
-                     f"beta {', '.join(f'{b:g}' for b in betas)})", fontsize=9)
-        fig.tight_layout()
-        save_figure(fig, runs_dir / f"figure3b_{dataset}.png", 110)
-        # Figure 3(c): MIG against the number of observations sharing a group.
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        # The runs at larger groups use the baselines' first beta; pairs are compared at the same beta(s).
-        betas = sorted({m["beta"] for m in rs if m["model"] != "group_tcvae" and m.get("group_size", 2) != 2}) or \
-            sorted({m["beta"] for m in rs if m["model"] != "group_tcvae"})
-        for model in ("mlvae", "gvae"):
-            by_size = {}
-            for m in rs:
-                if m["model"] == model and m["beta"] in betas:
-                    by_size.setdefault(m.get("group_size", 2), []).append(m["mig"])
-            if by_size:
-                sizes = sorted(by_size)
-                for s in sizes:
-                    ax.plot(np.full(len(by_size[s]), s), by_size[s], "o", color=colors[model], alpha=0.4, ms=4)
-                ax.errorbar(sizes, [np.mean(by_size[s]) for s in sizes], [np.std(by_size[s]) for s in sizes],
-                            color=colors[model], marker="s", capsize=3, label=model)
-        ax.set_xlabel("observations per group (--group-size)")
-        ax.set_ylabel("MIG")
-        ax.set_title(f"Figure 3(c), {dataset}: MIG vs group size\n(MLVAE, GVAE runs at beta "
-                     f"{', '.join(f'{b:g}' for b in betas)})", fontsize=9)
-        _legend(ax)
-        fig.tight_layout()
-        save_figure(fig, runs_dir / f"figure3c_{dataset}.png", 110)
+        lines += results_table(rs, dataset)
+        figure_4(rs, dataset, runs_dir / f"figure4_{dataset}.png")
+        figure_3b(rs, dataset, runs_dir / f"figure3b_{dataset}.png")
+        figure_3c(rs, dataset, runs_dir / f"figure3c_{dataset}.png")
     write_text_atomic(runs_dir / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote results.md and figures to {runs_dir}", file=sys.stderr)
@@ -2071,34 +2215,37 @@ def summarize(runs_dir):
 # Command line.
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    """Train, evaluate and plot one run (or --eval-only / --summarize). Returns the exit status."""
+    """Train, evaluate and plot one run or a sweep (or --eval-only / --summarize). Returns the exit status."""
     try:
         args = parse_args(argv)
         if args.summarize is not None:
             summarize(args.summarize)
             return 0
-        finish_args(args)
+        members = expand(args)
+        if args.eval_only and args.sweep:
+            raise UserError(f"--eval-only evaluates one run: give --out one of the run folders under {args.out}")
         if args.eval_only and not (Path(args.out) / "checkpoint.pt").is_file():
             raise UserError(f"--eval-only: no checkpoint.pt in {args.out}; give --out the folder of a trained run")
+        check_out_folder(args.out)
         try:
             if args.sweep:
-                return train_sweep(args)
+                return train_sweep(args, members)
             with RunFolderLock(args.out):  # one process writes a run folder at a time
                 if args.eval_only:
-                    eval_only(args)
+                    eval_only(members[0])
                     return 0
-                trained = train([args])
+                trained = train(members)
                 if trained is not None:
-                    evaluate_and_plot(trained[0].view(0), args.out, args.eval_samples)
+                    evaluate_and_plot(trained[0].runs[0], args.out, members[0].eval_samples)
             return 0
         except KeyboardInterrupt:
             print(f"\ninterrupted; the files in {args.out} are whole (each is written at once or not at all). "
                   f"Continue with --resume --out {args.out}, or evaluate with --eval-only --out {args.out}",
                   file=sys.stderr)
             return 130
-        except OSError as error:  # a write that write_atomic does not cover (log.csv's rows), a read error
-            raise UserError(f"{error.filename or args.out}: {error.strerror or error}"
-                            f"{_disk_note(error.filename or args.out)}") from None
+        except OSError as error:  # the one place where a failed write or read becomes a message
+            where = error.filename or args.out
+            raise UserError(f"could not write or read {where}: {error.strerror or error}{_disk_note(where)}") from None
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

@@ -5,6 +5,7 @@
     python benchmarks/bench.py --device cuda            # on a GPU: bf16 autocast, the step as one CUDA graph
     python benchmarks/bench.py --device cuda --eager    # ... each step launched eagerly
     python benchmarks/bench.py --only sweep --sizes 1 4 16 64   # sweeps against their runs one at a time
+    python benchmarks/bench.py --only step sweep --baseline OLD/grouptc.py   # ... beside an earlier version
 
 Sections:
   step    training step (32 groups) of each model vs a bare step of the same networks on one fixed batch (no
@@ -24,6 +25,7 @@ Sections:
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -54,27 +56,62 @@ def timed(fn, n, device):
     return (time.perf_counter() - t0) / n
 
 
-def bench_step(device, flags, blocks, block_steps, dataset):
+def load_code(path):
+    """Another grouptc.py (an earlier commit's, say) as a module of its own, to time it beside this one."""
+    spec = importlib.util.spec_from_file_location(f"grouptc_at_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_steps(code, argv, device):
+    """The runs `argv` asks for, built by `code` (this grouptc or an earlier one) -> (trainer, its full training
+    step, a bare step: the same networks' update on one fixed batch, without sampling, rendering or bookkeeping)."""
+    if hasattr(code, "expand"):  # this version: Sweep of Runs, train_step()
+        sweep = code.Sweep(code.build_runs(code.expand(code.parse_args(argv))))
+        run, a = sweep.runs[0], sweep.runs[0].args
+        classes, shares = run.sample()
+        x = run.data.images(classes.flatten(0, 1)).view(*classes.shape[:2], run.data.channels, 64, 64)
+        bare = lambda: code.train_step(run.vae, run.D, run.vae_opt, run.d_opt, x, shares, a.model, a.beta,  # noqa
+                                       a.gamma, a.content_dims, a.tc_level, run.model_gen, device.type == "cuda")
+        return sweep, sweep.train_step, bare
+    args = code.finish_args(code.parse_args(argv))  # before 2026-12-01: Run of stacked weights, update()
+    run = code.Run(code.sweep_members(args) if args.sweep else [args], device)
+    batch = run.sample_batch()
+    return run, run.train_step, lambda: run.update(*batch)
+
+
+def bench_step(device, flags, blocks, block_steps, dataset, baseline=None):
+    """Each model's full and bare step, blocks alternating; with a baseline, its full step in the same rotation."""
     results = {}
+    codes = {"this": gt} | ({"baseline": baseline} if baseline is not None else {})
     for model in gt.MODELS:
-        argv = ["--model", model, "--dataset", dataset, "--out", "unused"] + flags
-        run = gt.Run(gt.finish_args(gt.parse_args(argv)), device)
-        batch = run.sample_batch()
-        bare = lambda: run.update(*batch)  # noqa: E731
-        full = run.train_step
+        argv = ["--model", model, "--dataset", dataset, "--out", "unused", "--device", str(device)] + flags
+        steps = {}
+        for name, code in codes.items():
+            _, full, bare = make_steps(code, argv, device)
+            steps[name] = full
+            if name == "this":
+                steps["bare"] = bare
         for _ in range(10 if "--compile" not in flags else 30):  # warm-up (CUDA graph capture, compilation)
-            full(), bare()
-        t_full, t_bare = [], []
+            for fn in steps.values():
+                fn()
+        times = {name: [] for name in steps}
         for _ in range(blocks):
-            t_full.append(timed(full, block_steps, device))
-            t_bare.append(timed(bare, block_steps, device))
-        ms_full, ms_bare = 1000 * statistics.median(t_full), 1000 * statistics.median(t_bare)
+            for name, fn in steps.items():
+                times[name].append(timed(fn, block_steps, device))
+        ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+        ms_full, ms_bare = ms["this"], ms["bare"]
         results[model] = {"step_ms": ms_full, "bare_ms": ms_bare, "ratio": ms_full / ms_bare,
                           "steps_per_s": 1000 / ms_full, "images_per_s": 64 * 1000 / ms_full,
                           "full_run_minutes_300k": 300_000 * ms_full / 60_000}
-        print(f"step  {model:12s} {ms_full:8.2f} ms/step   bare {ms_bare:8.2f} ms   ratio {ms_full / ms_bare:5.3f}"
-              f"   {1000 / ms_full:7.1f} steps/s   {64000 / ms_full:8.0f} images/s"
-              f"   300k steps: {300_000 * ms_full / 60_000:6.1f} min", flush=True)
+        line = (f"step  {model:12s} {ms_full:8.2f} ms/step   bare {ms_bare:8.2f} ms   ratio {ms_full / ms_bare:5.3f}"
+                f"   {1000 / ms_full:7.1f} steps/s   {64000 / ms_full:8.0f} images/s"
+                f"   300k steps: {300_000 * ms_full / 60_000:6.1f} min")
+        if baseline is not None:
+            results[model]["baseline_step_ms"] = ms["baseline"]
+            line += f"   baseline {ms['baseline']:8.2f} ms (this / baseline {ms_full / ms['baseline']:5.3f})"
+        print(line, flush=True)
     return results
 
 
@@ -83,60 +120,74 @@ def host_rss_mib():
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def bench_sweep(device, flags, sizes, models, blocks, block_steps, dataset):
-    """A sweep of S runs against S single runs one after another, in the same process, blocks alternating."""
+def bench_sweep(device, flags, sizes, models, blocks, block_steps, dataset, baseline=None):
+    """A sweep of S runs against S single runs one after another, in the same process, blocks alternating; with a
+    baseline, its sweep and single run in the same rotation."""
     results = {}
+    codes = {"this": gt} | ({"baseline": baseline} if baseline is not None else {})
+    warmup = 10 if device.type == "cuda" else 2  # CUDA: the graph is captured after 3 eager steps
     for model in models:
-        argv = ["--model", model, "--dataset", dataset, "--out", "unused"] + flags
-        single = gt.Run([gt.finish_args(gt.parse_args(argv))], device)
-        warmup = 10 if device.type == "cuda" else 2  # CUDA: the graph is captured after 3 eager steps
-        for _ in range(warmup):
-            single.train_step()
+        argv = ["--model", model, "--dataset", dataset, "--out", "unused", "--device", str(device)] + flags
+        singles = {name: make_steps(code, argv, device)[1] for name, code in codes.items()}
+        for fn in singles.values():
+            for _ in range(warmup):
+                fn()
         for S in sizes:
-            base = gt.finish_args(gt.parse_args(argv + ["--seed", ",".join(map(str, range(S))) if S > 1 else "0"]))
-            members = gt.sweep_members(base) if S > 1 else [base]
+            seeds = ["--seed", ",".join(map(str, range(S)))]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
             rss0 = host_rss_mib()
             try:
-                run = gt.Run(members, device)
+                sweep, full, _ = make_steps(gt, argv + seeds, device)
                 for _ in range(warmup):
-                    run.train_step()
+                    full()
+                sync(device)
+                memory = ((torch.cuda.max_memory_allocated(device) - before) / 2 ** 20 if device.type == "cuda"
+                          else host_rss_mib() - rss0)
+                steps = {"this sweep": full, "this single": singles["this"]}
+                if baseline is not None:
+                    old_sweep = make_steps(baseline, argv + seeds, device)[1]
+                    for _ in range(warmup):
+                        old_sweep()
+                    steps |= {"baseline sweep": old_sweep, "baseline single": singles["baseline"]}
             except torch.OutOfMemoryError:
                 print(f"sweep {model:12s} S={S:4d}: out of memory", flush=True)
                 break
-            sync(device)
-            memory = ((torch.cuda.max_memory_allocated(device) - before) / 2 ** 20 if device.type == "cuda"
-                      else host_rss_mib() - rss0)
-            t_sweep, t_single = [], []
+            times = {name: [] for name in steps}
             for _ in range(blocks):
-                t_sweep.append(timed(run.train_step, block_steps, device))
-                t_single.append(timed(single.train_step, block_steps, device))
-            ms_sweep, ms_single = 1000 * statistics.median(t_sweep), 1000 * statistics.median(t_single)
+                for name, fn in steps.items():
+                    times[name].append(timed(fn, block_steps, device))
+            ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+            ms_sweep, ms_single = ms["this sweep"], ms["this single"]
             with tempfile.TemporaryDirectory() as tmp:
-                log_sum = torch.zeros(len(gt.TERMS[model]), device=device)
+                log_sum = torch.zeros(len(gt.MODELS[model].terms), device=device)
                 t0 = time.perf_counter()
                 for k in range(S):
-                    run.save(k, Path(tmp) / f"{k}.pt", log_sum, 0)
+                    sweep.save(k, Path(tmp) / f"{k}.pt", log_sum, 0)
                 ckpt_s = (time.perf_counter() - t0) / S
                 ckpt_mib = statistics.mean(os.path.getsize(Path(tmp) / f"{k}.pt") for k in range(S)) / 2 ** 20
             speedup = (S / ms_sweep) / (1 / ms_single)
-            n_weights = sum(p.numel() for p in (*run.vae_params.values(), *run.d_params.values())) / S
+            run = sweep.runs[0]
+            n_weights = sum(p.numel() for m in (run.vae, run.D) if m is not None for p in m.parameters())
             state_mib = 16 * n_weights / 2 ** 20  # fp32 weights, gradients and two Adam moments
             results.setdefault(model, {})[S] = {
                 "sweep_step_ms": ms_sweep, "single_step_ms": ms_single, "run_steps_per_s": 1000 * S / ms_sweep,
                 "single_run_steps_per_s": 1000 / ms_single, "speedup": speedup, "memory_mib_per_run": memory / S,
                 "state_mib_per_run": state_mib,
-                "checkpoint_mib_per_run": ckpt_mib, "checkpoint_s_per_run": ckpt_s, "batched": run.batched}
-            print(f"sweep {model:12s} S={S:4d}: {ms_sweep:9.2f} ms/step = {1000 * S / ms_sweep:8.1f} run-steps/s; "
-                  f"single run {ms_single:7.2f} ms/step = {1000 / ms_single:7.1f}; speed-up {speedup:5.2f}x; "
-                  f"{memory / S:7.1f} MiB/run ({'GPU' if device.type == 'cuda' else 'host'}, of which weights, "
-                  f"gradients, Adam {state_mib:5.1f}); checkpoint "
-                  f"{ckpt_mib:5.1f} MiB, {1000 * ckpt_s:6.1f} ms/run" + (" [vmap]" if run.batched else " [loop]"),
-                  flush=True)
-            del run
+                "checkpoint_mib_per_run": ckpt_mib, "checkpoint_s_per_run": ckpt_s, "batched": sweep.batched}
+            line = (f"sweep {model:12s} S={S:4d}: {ms_sweep:9.2f} ms/step = {1000 * S / ms_sweep:8.1f} run-steps/s; "
+                    f"single run {ms_single:7.2f} ms/step = {1000 / ms_single:7.1f}; speed-up {speedup:5.2f}x; "
+                    f"{memory / S:7.1f} MiB/run ({'GPU' if device.type == 'cuda' else 'host'}, of which weights, "
+                    f"gradients, Adam {state_mib:5.1f}); checkpoint "
+                    f"{ckpt_mib:5.1f} MiB, {1000 * ckpt_s:6.1f} ms/run" + (" [vmap]" if sweep.batched else " [loop]"))
+            if baseline is not None:
+                old = (S / ms["baseline sweep"]) / (1 / ms["baseline single"])
+                results[model][S]["baseline_speedup"] = old
+                line += f"; baseline speed-up {old:5.2f}x"
+            print(line, flush=True)
+            del sweep
     return results
 
 
@@ -264,7 +315,10 @@ def main():
     p.add_argument("--only", nargs="+", default=["step", "render", "gather", "mig", "load"],
                    choices=["step", "render", "gather", "mig", "load", "sweep"])
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="sweep sizes S (sweep section)")
-    p.add_argument("--models", nargs="+", default=list(gt.MODELS), choices=gt.MODELS, help="sweep section")
+    p.add_argument("--models", nargs="+", default=list(gt.MODELS), choices=list(gt.MODELS), help="sweep section")
+    p.add_argument("--baseline", default=None, metavar="GROUPTC_PY",
+                   help="another grouptc.py (an earlier commit's): the step and sweep sections time it in the same "
+                        "rotation of blocks, for figures side by side")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks for the step section")
     p.add_argument("--eager", action="store_true", help="on CUDA, no CUDA graph for the step section")
@@ -280,13 +334,14 @@ def main():
           (", bf16 autocast" if device.type == "cuda" else "") + (", compiled" if args.compile else "") +
           (", CUDA graph" if device.type == "cuda" and not args.eager else ""), flush=True)
     results = {"device": name, "torch": torch.__version__, "compile": args.compile, "eager": args.eager}
+    baseline = load_code(args.baseline) if args.baseline else None
     if "step" in args.only:
         flags = ["--compile"] * args.compile + ["--eager"] * args.eager
-        results["step"] = bench_step(device, flags, args.blocks, args.block_steps, args.dataset)
+        results["step"] = bench_step(device, flags, args.blocks, args.block_steps, args.dataset, baseline)
     if "sweep" in args.only:
         flags = ["--eager"] * args.eager
         results["sweep"] = bench_sweep(device, flags, args.sizes, args.models, args.blocks, args.block_steps,
-                                       args.dataset)
+                                       args.dataset, baseline)
     if "render" in args.only:
         results["render"] = bench_render(device)
     if "gather" in args.only:

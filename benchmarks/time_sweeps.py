@@ -22,13 +22,13 @@ import grouptc as gt  # noqa: E402
 
 
 def build(flags):
-    args = gt.finish_args(gt.parse_args(shlex.split(flags) + ["--out", "unused"]))
-    members = gt.sweep_members(args) if args.sweep else [args]  # each checked as a run's flags
-    return gt.Run(members, gt.resolve_device(args.device))
+    """The runs of one grouptc.py command line (each checked as a run's flags), as that process trains them."""
+    return gt.Sweep(gt.build_runs(gt.expand(gt.parse_args(shlex.split(flags) + ["--out", "unused"]))))
 
 
 def time_steps(run, steps):
-    sync = (lambda: torch.cuda.synchronize(run.device)) if run.device.type == "cuda" else (lambda: None)
+    device = run.runs[0].device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
