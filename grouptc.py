@@ -555,6 +555,7 @@ class Run:
         self.data_gen = torch.Generator(device=device).manual_seed(args.seed)  # groups
         self.model_gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)  # noise, permutations
         self.step, self.train_seconds = 0, 0.0
+        self.threads = []  # the torch thread counts it trained with (the CPU's sums depend on them)
         if args.compile:  # in place: the parameter names stay, so checkpoints load either way
             for module in (self.vae.encoder, self.vae.decoder, self.D):
                 if module is not None:
@@ -582,7 +583,7 @@ class Run:
         return {"step": self.step, "train_seconds": self.train_seconds, "args": public_args(self.args),
                 "vae": weights(self.vae), "vae_opt": vae_opt, "D": weights(self.D) if self.D is not None else None,
                 "d_opt": d_opt, "data_gen": self.data_gen.get_state(), "model_gen": self.model_gen.get_state(),
-                "log_sum": log_sum, "log_count": log_count}
+                "log_sum": log_sum, "log_count": log_count, "torch_threads": self.threads}
 
     def load(self, checkpoint, path):
         """A checkpoint (load_checkpoint()) into this run: weights, optimisers, generators, step."""
@@ -602,6 +603,7 @@ class Run:
                 self.data_gen.manual_seed(self.args.seed + 2 * c["step"])
                 self.model_gen.manual_seed(self.args.seed + 2 * c["step"] + 1)
             self.step, self.train_seconds = int(c["step"]), float(c["train_seconds"])
+            self.threads = [int(n) for n in c.get("torch_threads", [])]  # unknown for earlier checkpoints
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as error:
             raise UserError(f"the checkpoint {path} does not fit the run its flags describe "
                             f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
@@ -980,27 +982,43 @@ def public_args(args):
     return {k: v for k, v in vars(args).items() if k not in ("given", "sweep")}
 
 
-class RunLog:
-    """A run's log.csv (one row every --log-every steps) and, in a sweep, its own copy of the progress lines
-    (train.log), since the terminal shows the sweep's."""
+class CsvLog:
+    """A CSV file with a row per step, resumed at a checkpoint's step: the rows after it are dropped (and so is a
+    row that a crash cut short), so that a resumed run's file equals an uninterrupted run's."""
 
-    def __init__(self, args, names, step, sweep):
-        self.out, self.names, self.sweep = Path(args.out), names, sweep
-        path = self.out / "log.csv"
-        rows = read_log(path) if path.exists() and step > 0 else []
-        rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]  # rows after the
-        # checkpoint are dropped (and so is a row a crash cut short)
+    def __init__(self, path, columns, step):
+        self.path = Path(path)
+        rows = read_log(path) if self.path.exists() and step > 0 else []
+        rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step
+                and all(r.get(c) not in (None, "") for c in columns)]
 
         def write(tmp):
             with open(tmp, "w", newline="") as f:
                 writer = csv.writer(f)
-                writer.writerow(["step", *names, "ms_per_step"])
-                writer.writerows([[r["step"], *[r[n] for n in names], r["ms_per_step"]] for r in rows])
-        write_atomic(path, write)
+                writer.writerow(columns)
+                writer.writerows([[r[c] for c in columns] for r in rows])
+        write_atomic(self.path, write)
+
+    def row(self, values):
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(values)
+
+
+class RunLog:
+    """A run's log.csv (the mean of each term every --log-every steps), its scores.csv (the scores every
+    --eval-every steps, if asked) and, in a sweep, its own copy of the progress lines (train.log), since the
+    terminal shows the sweep's."""
+
+    def __init__(self, args, names, step, sweep):
+        self.out, self.sweep = Path(args.out), sweep
+        self.terms = CsvLog(self.out / "log.csv", ["step", *names, "ms_per_step"], step)
+        self.scores = CsvLog(self.out / "scores.csv", ["step", *SCORES], step) if args.eval_every else None
 
     def row(self, step, means, ms):
-        with open(self.out / "log.csv", "a", newline="") as f:
-            csv.writer(f).writerow([step, *[f"{v:.6g}" for v in means], f"{ms:.2f}"])
+        self.terms.row([step, *[f"{v:.6g}" for v in means], f"{ms:.2f}"])
+
+    def scores_row(self, step, scores):
+        self.scores.row([step, *[f"{scores[k]:.6g}" for k in SCORES]])
 
     def say(self, line):
         if self.sweep:
@@ -1500,6 +1518,9 @@ def build_parser(suppress_defaults=False, on_error=None):
       help="continue the run in --out from its checkpoint.pt (starts fresh when there is none)")
     a("--eval-only", action="store_true", default=False,
       help="no training: evaluate the checkpoint in --out again and rewrite metrics.json and the figures")
+    a("--eval-every", type=int, default=0,
+      help="steps between evaluations during training (MIG, group-MIG on the --eval-samples points of the final "
+           "evaluation) into scores.csv and scores.png; 0: only the final evaluation")
     a("--checkpoint-every", type=int, default=5_000, help="steps between checkpoints")
     a("--log-every", type=int, default=500, help="steps between progress lines and log.csv rows")
     a("--summarize", metavar="RUNS_DIR", default=None,
@@ -1609,6 +1630,8 @@ def check_args(args):
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.group_size < 2:
         raise UserError(f"--group-size must be at least 2 (a group of observations), got {args.group_size}")
+    if args.eval_every < 0:
+        raise UserError(f"--eval-every must be 0 (only at the end) or a number of steps, got {args.eval_every}")
     if args.eval_samples < 0 or args.eval_samples == 1:
         raise UserError(f"--eval-samples must be 0 (all points) or at least 2 (disentanglement_lib: 10,000), got "
                         f"{args.eval_samples}")
@@ -1693,10 +1716,14 @@ def train(members, sweep=False):
         log_sum = torch.stack([c["log_sum"] for c in checkpoints]).to(device)
         log_count = checkpoints[0]["log_count"]
         print(f"resuming {a.out if not sweep else f'{S} run' + 's' * (S > 1)} at step {runs.step:,}", file=sys.stderr)
-    logs = []
-    for m in members:
+    logs, threads = [], torch.get_num_threads()
+    for m, run in zip(members, runs.runs):
         write_text_atomic(Path(m.out) / "config.json", json.dumps(public_args(m), indent=2) + "\n")
         logs.append(RunLog(m, names, runs.step, sweep))
+        if run.threads and threads not in run.threads:
+            print(f"note: {m.out} trained with {run.threads[-1]} torch thread(s) and continues with {threads}: "
+                  "the CPU's sums depend on it, so from here on it is not the uninterrupted run", file=sys.stderr)
+        run.threads += [threads] if threads not in run.threads else []
     alive = list(range(S))
 
     stop = StopRequest()
@@ -1715,6 +1742,11 @@ def train(members, sweep=False):
             log_sum += runs.train_step()
             log_count += 1
             step = runs.step
+            if a.eval_every and step % a.eval_every == 0:  # scores over training, on the final evaluation's points
+                for k in alive:
+                    r = runs.runs[k]
+                    scores = evaluate(r.vae, r.data, r.content_factors, a.content_dims, a.eval_samples, a.seed)[0]
+                    logs[k].scores_row(step, scores)
             at_log, at_ckpt = step % a.log_every == 0 or step == a.steps, step % a.checkpoint_every == 0
             if not (at_log or at_ckpt):
                 continue
@@ -1945,17 +1977,18 @@ def plot_traversals(run, codes, path, n_steps=9, seed=0):
     _image_figure(tile(imgs), path, labels, "traversals: row i varies z_i (1st to 99th percentile)", L, n_steps)
 
 
-def plot_training_curves(log_path, path):
+def plot_training_curves(log_path, path, titles=None):
+    """One panel per column of a log (log.csv's terms, scores.csv's scores) against the step."""
     plt = _plt()
     rows = read_log(log_path)
     if not rows:
         return
     names = [n for n in rows[0] if n not in ("step", "ms_per_step")]
     steps = [int(r["step"]) for r in rows]
-    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.6), squeeze=False)
-    for ax, n in zip(axes[0], names):
-        ax.plot(steps, [float(r[n]) for r in rows], lw=1.2)
-        ax.set_title(n, fontsize=9)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names) + 0.6, 2.6), squeeze=False)
+    for ax, n, title in zip(axes[0], names, titles or names):
+        ax.plot(steps, [float(r[n]) for r in rows], lw=1.2, marker=".", ms=4)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
@@ -1974,13 +2007,16 @@ def evaluate_and_plot(run, out, n_samples):
                         f"Evaluate on more points: --eval-only --out {out} --eval-samples 10000")
     metrics = scores | {"model": a.model, "dataset": a.dataset, "steps": run.step,
                         "train_seconds": round(run.train_seconds, 3), "beta": a.beta, "gamma": a.gamma,
-                        "group_size": a.group_size, "tc_level": a.tc_level, "seed": a.seed}
+                        "group_size": a.group_size, "tc_level": a.tc_level, "seed": a.seed,
+                        "torch_threads": run.threads}
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False) + "\n")
     plot_mi_matrix(metrics, out / "mi_matrix.png")
     plot_reconstructions(run, out / "reconstructions.png", seed=a.seed)
     plot_traversals(run, codes, out / "traversals.png", seed=a.seed)
     if (out / "log.csv").exists():
         plot_training_curves(out / "log.csv", out / "training_curves.png")
+    if (out / "scores.csv").exists():
+        plot_training_curves(out / "scores.csv", out / "scores.png", [SCORES[k] for k in SCORES])
     print("  ".join(f"{name} {scores[k]:.4f}" for k, name in SCORES.items()) + f"  -> {out}/metrics.json",
           file=sys.stderr)
     return metrics
@@ -2191,6 +2227,35 @@ def figure_3c(rs, dataset, path):
     save_figure(fig, path, 110)
 
 
+def figure_scores(rs, dataset, path):
+    """Scores over training (--eval-every): per setting, the mean over seeds (thick) and each seed (thin)."""
+    logs = {m["path"]: read_log(Path(m["path"]) / "scores.csv") for m in rs
+            if (Path(m["path"]) / "scores.csv").exists()}
+    settings = sorted({(run_label(m), m["beta"], m["gamma"]) for m in rs if m["path"] in logs},
+                      key=lambda s: (_model_order(s[0].split()[0]), s))
+    if not settings:
+        return
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(SCORES), figsize=(5 * len(SCORES), 3.8), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, title) in zip(axes[0], SCORES.items()):
+        for j, setting in enumerate(settings):
+            color = cycle[j % len(cycle)]
+            curves = [{int(r["step"]): float(r[key]) for r in logs[m["path"]] if r.get(key)}
+                      for m in rs if m["path"] in logs and (run_label(m), m["beta"], m["gamma"]) == setting]
+            for c in curves:
+                ax.plot(sorted(c), [c[t] for t in sorted(c)], color=color, lw=0.6, alpha=0.5)
+            common = sorted(set.intersection(*(set(c) for c in curves)))
+            ax.plot(common, [np.mean([c[t] for c in curves]) for t in common], color=color, lw=2, marker=".",
+                    label=f"{setting[0]} beta {setting[1]:g}" + (f" gamma {setting[2]:g}" if setting[2] else "")
+                    + f" (n={len(curves)})")
+        ax.set_title(f"{title} over training, {dataset}\n(per setting: mean over seeds; thin: each seed)", fontsize=9)
+        ax.set_xlabel("step")
+        _legend(ax)
+    fig.tight_layout()
+    save_figure(fig, path, 110)
+
+
 def summarize(runs_dir):
     """Figures 4, 3(b), 3(c) per data set and results.md, from every metrics.json under runs_dir."""
     runs_dir = Path(runs_dir)
@@ -2205,6 +2270,7 @@ def summarize(runs_dir):
         figure_4(rs, dataset, runs_dir / f"figure4_{dataset}.png")
         figure_3b(rs, dataset, runs_dir / f"figure3b_{dataset}.png")
         figure_3c(rs, dataset, runs_dir / f"figure3c_{dataset}.png")
+        figure_scores(rs, dataset, runs_dir / f"scores_{dataset}.png")
     write_text_atomic(runs_dir / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote results.md and figures to {runs_dir}", file=sys.stderr)

@@ -58,12 +58,15 @@ TCVAE_GAMMAS=(${TCVAE_GAMMAS-1 8 16 32 64})
 TCVAE_SETTINGS=(${TCVAE_SETTINGS:-})  # "BETA:GAMMA ..." pairs instead of the product TCVAE_BETAS x TCVAE_GAMMAS
 TCVAE_PAIRS=${TCVAE_SETTINGS[*]:+1}
 BASE_BETAS=(${BASE_BETAS-1 2 4 6 8 16})
+MLVAE_BETAS=(${MLVAE_BETAS-${BASE_BETAS[*]}})  # one baseline's betas apart from the other's (default: BASE_BETAS)
+GVAE_BETAS=(${GVAE_BETAS-${BASE_BETAS[*]}})
 GROUP_SIZES=(${GROUP_SIZES-2 3 5 10})
 TC_LEVELS=(${TC_LEVELS-inter inter_intra full})
 ABLATION_BETA=${ABLATION_BETA-10}
 ABLATION_GAMMA=${ABLATION_GAMMA-8}
 DEVICE=${DEVICE-auto}
 EVAL_SAMPLES=${EVAL_SAMPLES-10000}
+EVAL_EVERY=${EVAL_EVERY-0}  # steps between evaluations during training (scores.csv); 0: only at the end
 LOG_EVERY=${LOG_EVERY-500}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY-5000}
 GPUS=(${GPUS:-})
@@ -85,7 +88,7 @@ if [ -z "${SWEEP_SIZE:-}" ]; then
 fi
 
 # Check every setting before anything runs.
-for v in DATASETS SEEDS TCVAE_BETAS TCVAE_GAMMAS BASE_BETAS GROUP_SIZES TC_LEVELS; do
+for v in DATASETS SEEDS TCVAE_BETAS TCVAE_GAMMAS BASE_BETAS MLVAE_BETAS GVAE_BETAS GROUP_SIZES TC_LEVELS; do
   eval "n=\${#$v[@]}"
   [ "$n" -gt 0 ] || die "$v is set but empty; unset it for the paper's values, or list some"
 done
@@ -95,8 +98,10 @@ done
 [[ -z ${OMP_NUM_THREADS:-} || $OMP_NUM_THREADS =~ ^[1-9][0-9]*$ ]] ||
   die "OMP_NUM_THREADS must be a positive whole number when set, got '$OMP_NUM_THREADS'"
 [[ $EVAL_SAMPLES =~ ^[0-9]+$ ]] || die "EVAL_SAMPLES must be a whole number (0: every point), got '$EVAL_SAMPLES'"
+[[ $EVAL_EVERY =~ ^[0-9]+$ ]] || die "EVAL_EVERY must be a whole number (0: only at the end), got '$EVAL_EVERY'"
 for s in "${SEEDS[@]}"; do [[ $s =~ ^[0-9]+$ ]] || die "SEEDS must be whole numbers, got '$s'"; done
-for n in "${TCVAE_BETAS[@]}" "${TCVAE_GAMMAS[@]}" "${BASE_BETAS[@]}" "$ABLATION_BETA" "$ABLATION_GAMMA"; do
+for n in "${TCVAE_BETAS[@]}" "${TCVAE_GAMMAS[@]}" "${MLVAE_BETAS[@]}" "${GVAE_BETAS[@]}" "$ABLATION_BETA" \
+  "$ABLATION_GAMMA"; do
   [[ $n =~ ^[0-9]+([.][0-9]+)?$ ]] || die "betas and gammas must be non-negative numbers, got '$n'"
 done
 for bg in "${TCVAE_SETTINGS[@]:+${TCVAE_SETTINGS[@]}}"; do
@@ -123,7 +128,7 @@ content_factors() {
 for d in "${DATASETS[@]}"; do content_factors "$d" >/dev/null; done
 
 # Numbers as the program prints them in folder names (10.0 -> 10), so that finished runs are recognised.
-for v in TCVAE_BETAS TCVAE_GAMMAS BASE_BETAS; do eval "$v=(\$(printf '%g ' \"\${$v[@]}\"))"; done
+for v in TCVAE_BETAS TCVAE_GAMMAS MLVAE_BETAS GVAE_BETAS; do eval "$v=(\$(printf '%g ' \"\${$v[@]}\"))"; done
 ABLATION_BETA=$(printf '%g' "$ABLATION_BETA"); ABLATION_GAMMA=$(printf '%g' "$ABLATION_GAMMA")
 TCVAE_SETTINGS=($(for bg in "${TCVAE_SETTINGS[@]:+${TCVAE_SETTINGS[@]}}"; do
   printf '%g:%g ' "${bg%%:*}" "${bg##*:}"; done))
@@ -153,7 +158,7 @@ add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS": one p
   CMDS+=("$PYTHON grouptc.py --model $m --dataset $d --data-dir $DATA_DIR --steps $STEPS --batch-size $BATCH_SIZE \
 --group-size $gs --beta ${betas// /,} --gamma ${gammas// /,} --tc-level $tc --content-factors $(content_factors "$d") \
 --latent-dim 10 --content-dims 5 --seed ${seeds// /,} --device $DEVICE --eval-samples $EVAL_SAMPLES \
---log-every $LOG_EVERY --checkpoint-every $CHECKPOINT_EVERY --out $out --resume")
+--eval-every $EVAL_EVERY --log-every $LOG_EVERY --checkpoint-every $CHECKPOINT_EVERY --out $out --resume")
 }
 emit() {  # emit DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS": their runs, SWEEP_SIZE at most a process
   local betas=($5) gammas=($6) seeds=($7) i j k s b
@@ -184,10 +189,12 @@ for d in "${DATASETS[@]}"; do
     else
       emit "$d" group_tcvae 2 inter "${TCVAE_BETAS[*]}" "${TCVAE_GAMMAS[*]}" "$seeds"
     fi
-    for m in mlvae gvae; do emit "$d" "$m" 2 inter "${BASE_BETAS[*]}" 0 "$seeds"; done
-    for m in mlvae gvae; do for gs in "${GROUP_SIZES[@]}"; do
-      emit "$d" "$m" "$gs" inter "${BASE_BETAS[0]}" 0 "$seeds"
-    done; done
+    emit "$d" mlvae 2 inter "${MLVAE_BETAS[*]}" 0 "$seeds"
+    emit "$d" gvae 2 inter "${GVAE_BETAS[*]}" 0 "$seeds"
+    for gs in "${GROUP_SIZES[@]}"; do
+      emit "$d" mlvae "$gs" inter "${MLVAE_BETAS[0]}" 0 "$seeds"
+      emit "$d" gvae "$gs" inter "${GVAE_BETAS[0]}" 0 "$seeds"
+    done
     for tc in "${TC_LEVELS[@]}"; do emit "$d" group_tcvae 2 "$tc" "$ABLATION_BETA" "$ABLATION_GAMMA" "$seeds"; done
   done
 done
