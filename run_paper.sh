@@ -30,6 +30,9 @@
 #   STEPS=3000 SEEDS="0 1 2" DATASETS=dsprites_procedural TCVAE_BETAS=10 TCVAE_GAMMAS="1 8" BASE_BETAS=1 \
 #     GROUP_SIZES=2 TC_LEVELS=inter LOG_EVERY=250 CHECKPOINT_EVERY=500 JOBS=2 RUNS_DIR=runs/cpu \
 #     bash run_paper.sh                      # the README's CPU-scale grid: 12 runs, about 2 h on 2 cores
+#   STEPS=30000 SEEDS="0 1 2" DATASETS=dsprites_procedural TCVAE_SETTINGS=10:8 MLVAE_BETAS=1 GVAE_BETAS=4 \
+#     GROUP_SIZES=2 TC_LEVELS=full EVAL_EVERY=3000 OMP_NUM_THREADS=1 JOBS=1 RUNS_DIR=runs/cpu_study_30k \
+#     bash run_paper.sh                      # the README's 30,000-step CPU study (12 runs), one thread a run
 #   SWEEP_SIZE=32 sbatch --array=0-29%8 --gres=gpu:1 run_paper.sh  # SLURM: task i runs entry i of DRY_RUN's list
 #   python grouptc.py --summarize runs/paper           # ... then the summary, once every task has finished
 # Finished runs (metrics.json present) are skipped; interrupted ones resume from their checkpoint (a sweep whose

@@ -1365,3 +1365,76 @@ def test_scores_over_training_are_logged_and_resumed_exactly(tmp_path):
     assert (tmp_path / "a" / "scores.png").stat().st_size > 5_000
     assert gt.main(["--summarize", str(tmp_path)]) == 0
     assert (tmp_path / "scores_dsprites_procedural.png").stat().st_size > 5_000
+
+
+# ------------------------------------------------------------------------------------------------ as a library
+def readme_python_block(title):
+    text = (HERE / "README.md").read_text()
+    section = text[text.index(f"## {title}\n"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_library_example_runs_as_written(tmp_path):
+    done = subprocess.run([sys.executable, "-c", readme_python_block("Use it in your own code")], cwd=HERE,
+                          capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(HERE)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("{'loss': ") and "'d_acc': " in lines[0]
+    assert lines[1].startswith("MIG ") and math.isfinite(float(lines[1].split()[1]))
+    assert lines[2].startswith("group-MIG ") and math.isfinite(float(lines[2].split()[1]))
+
+
+def test_library_functions_refuse_bad_arguments():
+    vae, x, shares = gt.VAE(), torch.zeros(2, 2, 1, 64, 64), torch.tensor([True, False])
+    with pytest.raises(ValueError, match="unknown model 'gvea'"):  # a typo no longer trains a plain VAE
+        gt.group_objective("gvea", vae, None, x, shares, 1.0, 0.0, 5)
+    with pytest.raises(ValueError, match="group_tcvae needs the discriminator"):
+        gt.group_objective("group_tcvae", vae, None, x, shares, 1.0, 0.0, 5)
+    with pytest.raises(ValueError, match=r"expected x \(B, G >= 2"):
+        gt.group_objective("gvae", vae, None, x[:, :1], shares, 1.0, 0.0, 5)
+    with pytest.raises(ValueError, match="content_dims must be in 1..9"):
+        gt.group_objective("gvae", vae, None, x, shares, 1.0, 0.0, 10)
+    with pytest.raises(ValueError, match="unknown TC level 'most'"):
+        gt.tc_blocks("most", 10, 5)
+    with pytest.raises(ValueError, match="give D and d_opt"):
+        gt.train_step(vae, None, torch.optim.Adam(vae.parameters()), None, x, shares)
+    codes, factors = np.random.rand(100, 4), np.random.randint(0, 3, (100, 2))
+    with pytest.raises(ValueError, match="must each name some, not all"):
+        gt.group_mig(codes, factors, content_latents=range(4), content_factors=[0])
+    assert issubclass(gt.UserError, ValueError)
+
+
+def test_the_metrics_leave_torchs_threads_alone_from_the_first_call_on():
+    code = ("import numpy as np, torch, grouptc as gt; torch.set_num_threads(1); "
+            "gt.mig(np.random.rand(500, 3), np.random.randint(0, 4, (500, 2))); a = torch.get_num_threads(); "
+            "torch.set_num_threads(2); gt.mig(np.random.rand(500, 3), np.random.randint(0, 4, (500, 2))); "
+            "print(a, torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["1", "2"], out.stdout + out.stderr
+
+
+def test_checkpoints_of_earlier_versions_still_load(tmp_path):
+    """Earlier checkpoints also hold the global RNG state (torch_rng), which nothing uses now; they lack
+    torch_threads."""
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    del checkpoint["torch_threads"]
+    torch.save(checkpoint | {"torch_rng": torch.get_rng_state()}, out / "checkpoint.pt")
+    assert gt.main(["--resume", "--out", str(out), "--steps", "9"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 9
+
+
+def test_the_summary_shows_a_model_and_a_score_it_does_not_know(tmp_path, capsys):
+    out = tmp_path / "runs" / "good"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    (tmp_path / "runs" / "other").mkdir()
+    (tmp_path / "runs" / "other" / "metrics.json").write_text(json.dumps(m | {"model": "new_model", "mig": 0.5} |
+                                                                          {"new_score": 1.0}))
+    del m["group_mig"]
+    (tmp_path / "runs" / "partial").mkdir()
+    (tmp_path / "runs" / "partial" / "metrics.json").write_text(json.dumps(m))
+    assert gt.main(["--summarize", str(tmp_path / "runs")]) == 0
+    table = (tmp_path / "runs" / "results.md").read_text()
+    assert "| new_model | 1 |" in table and "| gvae | 2 |" in table
