@@ -110,6 +110,38 @@ def sample_groups(factor_sizes, content_factors, batch_size, group_size=2, gener
     return classes, shares_content
 
 
+def sample_k_factor_pairs(factor_sizes, batch_size, k=None, exact=False, generator=None):
+    """Locatello et al. (2020)'s pairs: the first image's factors uniform; the second resamples some of them.
+    k: 1 .. K-1, or None for "rnd" (drawn per pair, uniform on 1 .. K-1).
+    exact=False, as disentanglement_lib's simple_dynamics (the procedure behind the published numbers): 1 or k
+    distinct factors (probability 1/2 each) get a new value drawn uniformly, which may equal the old one.
+    exact=True, as the paper's text says: exactly k distinct factors, each to a different value (factors with one
+    value never change).
+    -> classes (batch_size, 2, K) LongTensor, resampled (batch_size, K) BoolTensor: the factors drawn anew."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    K = len(factor_sizes)
+    if k is not None and not 1 <= k < K:
+        raise ValueError(f"k must be in 1..{K - 1} (or None for a k drawn per pair), got {k}")
+    first = uniform_classes(factor_sizes, (batch_size,), generator)  # (B, K)
+    if k is None:
+        k = 1 + (torch.rand(batch_size, generator=generator, device=device) * (K - 1)).long().clamp(max=K - 2)
+    else:
+        k = torch.full((batch_size,), k, device=device)
+    sizes = device_constant(tuple(factor_sizes), device)
+    if exact:  # exactly k of the factors that can change; each takes one of its other values, uniformly
+        k = torch.minimum(k, (sizes > 1).sum())
+        keys = torch.rand(batch_size, K, generator=generator, device=device).masked_fill(sizes == 1, 2.0)
+        shift = 1 + (torch.rand(batch_size, K, generator=generator, device=device) * (sizes - 1)).long()
+        new = (first + torch.minimum(shift, (sizes - 1).clamp(min=1))) % sizes
+    else:  # choice([1, k]), then that many distinct factors, each resampled uniformly
+        k = torch.where(torch.rand(batch_size, generator=generator, device=device) < 0.5, 1, k)
+        keys = torch.rand(batch_size, K, generator=generator, device=device)
+        new = uniform_classes(factor_sizes, (batch_size,), generator)
+    cut = keys.sort(1).values.gather(1, (k - 1)[:, None])  # the k-th smallest key of each pair
+    resampled = keys <= cut  # k distinct factors, chosen uniformly
+    return torch.stack([first, torch.where(resampled, new, first)], 1), resampled
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Model: disentanglement_lib's conv encoder / deconv decoder (64x64 inputs), and the FactorVAE discriminator D.
 # The latent z = (z_\c, z_c): z_\c the first latent_dim - content_dims dims, z_c the last content_dims (Fig. 3a).
@@ -245,28 +277,45 @@ def shared_dims(shares_content, latent_dim, content_dims):
     return is_content[None] == shares_content[:, None]
 
 
-OBJECTIVES = ("group_tcvae", "mlvae", "gvae")  # what group_objective() computes
+def adaptive_shared_dims(mu, logvar):
+    """Ada-GVAE / Ada-ML-VAE (Locatello et al. 2020): the dims a pair shares, inferred from the pair itself. Per
+    dim, delta_j = KL(q(z_j|x1) || q(z_j|x2)) (one-sided, as disentanglement_lib, whose factor 2 changes nothing);
+    the dims whose delta lies strictly below the midpoint of the pair's smallest and largest delta are shared.
+    NOTE: when every delta is equal (identical images) nothing is shared; disentanglement_lib divides 0 by 0 there.
+    mu, logvar (B, 2, L) -> (B, L) bool (a mask: no gradient flows through it)."""
+    delta = gaussian_kl(mu[:, 0], logvar[:, 0], mu[:, 1], logvar[:, 1]).detach()  # (B, L)
+    return delta < (delta.min(1, keepdim=True).values + delta.max(1, keepdim=True).values) / 2
+
+
+OBJECTIVES = ("group_tcvae", "mlvae", "gvae", "ada_gvae", "ada_mlvae")  # what group_objective() computes
+ADAPTIVE = ("ada_gvae", "ada_mlvae")  # the models that infer the shared dims (pairs only; shares_content unused)
 
 
 def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims, generator=None, eps=None):
     """The loss of one batch of groups, for each model. Returns (loss, terms, z): terms holds each term's value per
     image; z (B*G, L) the sampled codes (D's training data).
 
-    model: "group_tcvae" (Eq. 3), "mlvae" or "gvae" (Eq. 1). vae: anything with encode(x) -> (mu, logvar), each
-    (N, L), and decode(z) -> Bernoulli logits shaped like x. D: the discriminator (group-tcVAE only; None for the
-    others), called on codes (N, L) -> logits (N, 2); the caller freezes its parameters (train_step does).
+    model: "group_tcvae" (Eq. 3), "mlvae" or "gvae" (Eq. 1), "ada_gvae" or "ada_mlvae" (Locatello et al. 2020:
+    GVAE / MLVAE on the dims adaptive_shared_dims() infers from each pair). vae: anything with encode(x) ->
+    (mu, logvar), each (N, L), and decode(z) -> Bernoulli logits shaped like x. D: the discriminator (group-tcVAE
+    only; None for the others), called on codes (N, L) -> logits (N, 2); the caller freezes its parameters
+    (train_step does).
     x (B, G, C, H, W): B groups of G observations; shares_content (B,) bool: whether each group shares the content
-    factors (else the others). The code is z = (z_\\c, z_c): z_c is its LAST content_dims dims.
-    beta: group-tcVAE: the weight of TC(z_c, z_\\c) (the prior KL has weight 1); MLVAE/GVAE: the weight of the KL
+    factors (else the others; unused by the Ada models, which may be given None). The code is z = (z_\\c, z_c): z_c
+    is its LAST content_dims dims.
+    beta: group-tcVAE: the weight of TC(z_c, z_\\c) (the prior KL has weight 1); the others: the weight of the KL
     of the (aggregated) posterior to N(0, I). gamma: group-tcVAE: the weight of the group KL; unused otherwise.
     eps (B, G, L): the reparameterisation noise, drawn from `generator` when not given.
     Every term is per image: the paper's sums over the G members of a group are averaged instead, as
     disentanglement_lib's 0.5 * (rec1 + rec2) does, so beta and gamma keep their meaning for any G."""
     if model not in OBJECTIVES:
         raise ValueError(f"unknown model {model!r}; expected one of {', '.join(OBJECTIVES)}")
-    if x.dim() != 5 or x.shape[1] < 2 or tuple(shares_content.shape) != (x.shape[0],):
+    adaptive = model in ADAPTIVE
+    if x.dim() != 5 or x.shape[1] < 2 or not adaptive and tuple(shares_content.shape) != (x.shape[0],):
         raise ValueError(f"expected x (B, G >= 2, C, H, W) and shares_content (B,), got {tuple(x.shape)} and "
-                         f"{tuple(shares_content.shape)}")
+                         f"{None if shares_content is None else tuple(shares_content.shape)}")
+    if adaptive and x.shape[1] != 2:
+        raise ValueError(f"{model} learns from pairs; got groups of {x.shape[1]}")
     if model == "group_tcvae" and D is None:
         raise ValueError("group_tcvae needs the discriminator D")
     B, G = x.shape[:2]
@@ -274,15 +323,19 @@ def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims,
     if not 0 < content_dims < mu.shape[-1]:
         raise ValueError(f"content_dims must be in 1..{mu.shape[-1] - 1} (both latent groups non-empty), got "
                          f"{content_dims}")
-    shared = shared_dims(shares_content, mu.shape[-1], content_dims)  # (B, L)
-    if model in ("mlvae", "gvae"):
-        # Eq. (1): the shared group's dims take the group's aggregated posterior; the others keep their own.
-        mu_g, logvar_g = (product_posterior if model == "mlvae" else average_posterior)(mu, logvar)
+    # (B, L): the dims of the group each group shares; the Ada models infer them from the pair
+    shared = adaptive_shared_dims(mu, logvar) if adaptive else shared_dims(shares_content, mu.shape[-1], content_dims)
+    if model != "group_tcvae":
+        # Eq. (1): the shared dims take the group's aggregated posterior (both members the same); the others keep
+        # their own.
+        mu_g, logvar_g = (product_posterior if model in ("mlvae", "ada_mlvae") else average_posterior)(mu, logvar)
         mu, logvar = torch.where(shared[:, None], mu_g, mu), torch.where(shared[:, None], logvar_g, logvar)
     eps = torch.randn(mu.shape, generator=generator, device=mu.device) if eps is None else eps
     z = (mu + eps * (0.5 * logvar).exp()).flatten(0, 1)  # (B*G, L), reparameterised
     rec = reconstruction(vae.decode(z).float(), x.flatten(0, 1)).mean()
     kl = kl_to_prior(mu, logvar).sum(-1).mean()
+    if adaptive:
+        return rec + beta * kl, {"rec": rec, "kl": kl, "shared_dims": shared.float().sum(1).mean()}, z
     if model != "group_tcvae":
         return rec + beta * kl, {"rec": rec, "kl": kl}, z  # Eq. (1)
     # Eq. (3), read as a loss to minimise. NOTE: as printed, Eq. (3) subtracts (beta*TC - gamma*KL), which would
@@ -523,7 +576,11 @@ MODELS = {
     # Locatello et al. 2020's grid {1, 2, 4, 6, 8, 16}: its first value; gamma unused
     "mlvae": ModelSpec(1.0, 0.0, ("loss", "rec", "kl"), "tab:blue", True),
     "gvae": ModelSpec(1.0, 0.0, ("loss", "rec", "kl"), "tab:green", True),
+    # the DL fork's weak grid {1, 2, 4, 6, 8, 16}: its first value; shared_dims: the mean number of dims a pair shares
+    "ada_gvae": ModelSpec(1.0, 0.0, ("loss", "rec", "kl", "shared_dims"), "tab:purple", True),
+    "ada_mlvae": ModelSpec(1.0, 0.0, ("loss", "rec", "kl", "shared_dims"), "tab:orange", True),
 }
+PAIRS = ("groups", "k_factors", "k_factors_exact")  # --pairs
 DATASETS = ("dsprites", "shapes3d", "dsprites_procedural", "shapes3d_procedural")
 
 
@@ -562,9 +619,15 @@ class Run:
                     module.compile()
 
     def sample(self):
-        """A fresh batch of groups from the run's data generator: classes (B, G, K), shares_content (B,)."""
+        """A fresh batch from the run's data generator: classes (B, G, K), and shares_content (B,) for the paper's
+        groups (None for Locatello's k-factor pairs, which do not say what they share)."""
         a = self.args
-        return sample_groups(self.data.factor_sizes, self.content_factors, a.batch_size, a.group_size, self.data_gen)
+        if a.pairs == "groups":
+            return sample_groups(self.data.factor_sizes, self.content_factors, a.batch_size, a.group_size,
+                                 self.data_gen)
+        k = None if a.k == "rnd" else a.k
+        return sample_k_factor_pairs(self.data.factor_sizes, a.batch_size, k, a.pairs == "k_factors_exact",
+                                     self.data_gen)[0], None
 
     def next_step(self):
         """One train_step() on a fresh batch -> its terms as a (n_terms,) tensor, in MODELS[model].terms order."""
@@ -707,8 +770,10 @@ class StackedRuns:
                                                  a.content_dims, eps=eps)
             return loss, torch.stack(list(terms.values())), z
 
-        loss, terms, z = torch.func.vmap(vae_loss)(self.vae_params, frozen_d, x, torch.stack(shares),
-                                                   torch.stack(eps), self.beta, self.gamma)
+        shares = torch.stack(shares) if shares[0] is not None else torch.zeros(len(self.runs), B, dtype=torch.bool,
+                                                                               device=first.device)  # unused
+        loss, terms, z = torch.func.vmap(vae_loss)(self.vae_params, frozen_d, x, shares, torch.stack(eps), self.beta,
+                                                   self.gamma)
         self.vae_opt.zero_grad(set_to_none=True)
         loss.sum().backward()  # each run's weights get exactly the gradient of its own loss
         self.vae_opt.step()
@@ -1060,6 +1125,8 @@ SHAPES3D_CONTENT = ("object_hue", "scale", "shape")  # the paper's Sec. 4.1; non
 
 DEFAULT_CONTENT = {"dsprites": DSPRITES_CONTENT, "dsprites_procedural": DSPRITES_CONTENT,
                    "shapes3d": SHAPES3D_CONTENT, "shapes3d_procedural": SHAPES3D_CONTENT}
+DATASET_FACTORS = {"dsprites": DSPRITES_FACTORS, "dsprites_procedural": DSPRITES_FACTORS,
+                   "shapes3d": SHAPES3D_FACTORS, "shapes3d_procedural": SHAPES3D_FACTORS}
 
 DSPRITES_NPZ = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 DSPRITES_HDF5 = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.hdf5"
@@ -1446,7 +1513,7 @@ def resolve_factors(factors, factor_names):
 # ----------------------------------------------------------------------------------------------------------------
 # The flags that define what a run is; a resumed or re-evaluated run keeps them from its checkpoint.
 RUN_DEFINING = ("model", "dataset", "batch_size", "group_size", "beta", "gamma", "tc_level", "content_factors",
-                "latent_dim", "content_dims", "seed")
+                "latent_dim", "content_dims", "seed", "pairs", "k")
 LIST_FLAGS = ("seed", "beta", "gamma")  # a list of values makes a sweep
 
 
@@ -1484,6 +1551,14 @@ def build_parser(suppress_defaults=False, on_error=None):
     a("--steps", type=int, default=300_000,
       help="training steps (one batch of groups each); 300,000 as disentanglement_lib / Locatello et al. 2020")
     a("--batch-size", type=int, default=32, help="groups per step (paper: 32 pairs = 64 images)")
+    a("--pairs", choices=PAIRS, default="groups",
+      help="what the observations of a group share. groups: every factor of the content group or of the others "
+           "(the paper's; the model is told which). k_factors: Locatello et al. 2020's pairs as disentanglement_lib "
+           "draws them (1 or --k factors resampled, each possibly to its old value); k_factors_exact: exactly --k "
+           "factors changed, as that paper's text says. The k-factor pairs only for ada_gvae and ada_mlvae, which "
+           "infer what a pair shares")
+    a("--k", type=_k_value, default="rnd",
+      help="k-factor pairs: the number of factors resampled, 1 .. (number of factors - 1), or rnd (drawn per pair)")
     a("--group-size", type=int, default=2, help="observations per group (paper: pairs)")
     a("--beta", type=_values(float), default=None,
       help="group-tcVAE: weight of TC(z_c, z_\\c), paper grid {10,20,30,40,50,100}, default 10; MLVAE/GVAE: weight "
@@ -1526,6 +1601,16 @@ def build_parser(suppress_defaults=False, on_error=None):
     a("--summarize", metavar="RUNS_DIR", default=None,
       help="no training: summarise every run under RUNS_DIR into Figures 3(b), 3(c), 4 and results.md")
     return p
+
+
+def _k_value(text):
+    """argparse type of --k: a whole number, or rnd."""
+    if text == "rnd":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or rnd, got '{text}'") from None
 
 
 def _values(kind):
@@ -1588,7 +1673,8 @@ def read_flags(saved, path, lists=False):
 
 def run_name(args):
     """A sweep's run folder, named by what sets the run apart (as run_paper.sh names its runs)."""
-    return (f"{args.model}_beta{args.beta:g}_gamma{args.gamma:g}_gs{args.group_size}_tc-{args.tc_level}_"
+    pairs = f"_pairs-{args.pairs}-k{args.k}" if args.pairs != "groups" else ""
+    return (f"{args.model}_beta{args.beta:g}_gamma{args.gamma:g}_gs{args.group_size}_tc-{args.tc_level}{pairs}_"
             f"seed{args.seed}")
 
 
@@ -1638,6 +1724,15 @@ def check_args(args):
     for flag in ("beta", "gamma"):
         if not math.isfinite(getattr(args, flag)) or getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be a non-negative number, got {getattr(args, flag)}")
+    if args.model in ADAPTIVE and args.group_size != 2:
+        raise UserError(f"--group-size {args.group_size}: {args.model} learns from pairs; use --group-size 2")
+    if args.model not in ADAPTIVE and args.pairs != "groups":
+        raise UserError(f"--pairs {args.pairs}: {args.model} must be told which group of factors a pair shares, so "
+                        f"it takes --pairs groups; the k-factor pairs are for {' and '.join(ADAPTIVE)}")
+    n_factors = len(DATASET_FACTORS[args.dataset])
+    if args.k != "rnd" and not 1 <= args.k < n_factors:
+        raise UserError(f"--k must be rnd or 1 .. {n_factors - 1} ({args.dataset} has {n_factors} factors), got "
+                        f"{args.k}")
     if args.content_dims >= args.latent_dim:
         raise UserError(f"--content-dims ({args.content_dims}) must be smaller than --latent-dim "
                         f"({args.latent_dim}): both latent groups need at least one dim")
@@ -1734,7 +1829,8 @@ def train(members, sweep=False):
             + (f"; gamma {listed('gamma')}" if a.model == "group_tcvae" else "") + ")" if sweep else
             f"beta {a.beta:g}" + (f", gamma {a.gamma:g}" if a.model == "group_tcvae" else ""))
     print(f"training {a.model} on {runs.runs[0].data.name} ({device}): {a.steps:,} steps of {a.batch_size} groups of "
-          f"{a.group_size}, {what}" + (f", TC level {a.tc_level}" if a.model == "group_tcvae" else ""),
+          f"{a.group_size}, {what}" + (f", TC level {a.tc_level}" if a.model == "group_tcvae" else "")
+          + (f", {a.pairs} pairs (k {a.k})" if a.pairs != "groups" else ""),
           file=sys.stderr)
     last_step, last_time = runs.step, time.perf_counter()
     try:
@@ -2007,7 +2103,7 @@ def evaluate_and_plot(run, out, n_samples):
                         f"Evaluate on more points: --eval-only --out {out} --eval-samples 10000")
     metrics = scores | {"model": a.model, "dataset": a.dataset, "steps": run.step,
                         "train_seconds": round(run.train_seconds, 3), "beta": a.beta, "gamma": a.gamma,
-                        "group_size": a.group_size, "tc_level": a.tc_level, "seed": a.seed,
+                        "group_size": a.group_size, "tc_level": a.tc_level, "pairs": a.pairs, "k": a.k, "seed": a.seed,
                         "torch_threads": run.threads}
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False) + "\n")
     plot_mi_matrix(metrics, out / "mi_matrix.png")
@@ -2055,6 +2151,8 @@ def run_label(m):
         label += f" (group size {m['group_size']})"
     if m["model"] == "group_tcvae" and m.get("tc_level", "inter") != "inter":
         label += f" (TC {m['tc_level']})"
+    if m.get("pairs", "groups") != "groups":
+        label += f" ({m['pairs']}, k {m.get('k', 'rnd')})"
     return label
 
 

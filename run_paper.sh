@@ -6,6 +6,7 @@
 #   Figure 3b  group-MIG of content vs non-content factors over the baselines' runs
 #   Figure 3c  MIG of MLVAE and GVAE against the number of observations sharing a group
 #   ablation   (not in the paper) group-tcVAE at one setting with each of the three TC levels
+#   Ada        (not in the paper) Ada-GVAE and Ada-ML-VAE (Locatello et al. 2020), which infer what a pair shares
 # and results.md (runs, mean, median, best MIG and group-MIG per model), via `python grouptc.py --summarize`.
 #
 # Size of the full grid, per data set:
@@ -13,10 +14,12 @@
 #   MLVAE, GVAE  beta {1,2,4,6,8,16} x 5 seeds (Locatello et al. 2020) ......... 60 runs
 #   Figure 3c    MLVAE, GVAE at group size 3, 5, 10 (2 is in the line above) ... 30 runs
 #   ablation     TC levels inter_intra, full at (ABLATION_BETA, ABLATION_GAMMA) .. 10 runs
-#   = 250 runs per data set, 500 for dsprites and shapes3d, 300,000 steps each.
+#   Ada          Ada-GVAE, Ada-ML-VAE: beta {1,2,4,6,8,16} x 5 seeds x PAIRS ..... 60 runs
+#   = 310 runs per data set, 620 for dsprites and shapes3d, 300,000 steps each.
 # GPU time, estimated from steps measured on one H100 (benchmarks/gpu.sh, README "Speed"): group-tcVAE 2.05 ms/step
-# (10.3 min a run), MLVAE/GVAE 1.4 ms/step (7 min a run) at 32 pairs; per data set 160 group-tcVAE runs and 90
-# baseline runs = about 38 GPU-hours, about 76 for both data sets, plus a few seconds of evaluation per run.
+# (10.3 min a run), MLVAE/GVAE 1.4 ms/step (7 min a run) at 32 pairs, the Ada models as MLVAE/GVAE (not measured);
+# per data set 160 group-tcVAE runs and 150 others = about 45 GPU-hours, about 90 for both data sets, plus a few
+# seconds of evaluation per run.
 # Groups of 3 to 10 observations and 3D Shapes' 3 channels make some steps longer: not measured, so count more.
 # With GPUS, runs are packed into sweeps of up to SWEEP_SIZE runs a process (26 processes at 64), which is what
 # should cut this: sweep speed on a GPU is not measured yet (benchmarks/gpu.sh measures it), so no figure here.
@@ -63,6 +66,10 @@ TCVAE_PAIRS=${TCVAE_SETTINGS[*]:+1}
 BASE_BETAS=(${BASE_BETAS-1 2 4 6 8 16})
 MLVAE_BETAS=(${MLVAE_BETAS-${BASE_BETAS[*]}})  # one baseline's betas apart from the other's (default: BASE_BETAS)
 GVAE_BETAS=(${GVAE_BETAS-${BASE_BETAS[*]}})
+ADA_MODELS=(${ADA_MODELS-ada_gvae ada_mlvae})  # Locatello et al. 2020's models (infer what a pair shares), or none
+ADA_BETAS=(${ADA_BETAS-1 2 4 6 8 16})  # the weak-supervision grid of a disentanglement_lib fork
+PAIRS=(${PAIRS-groups})  # the Ada models' pairs: groups (the paper's), k_factors (DL's simple_dynamics), k_factors_exact
+K=${K-rnd}  # k-factor pairs: factors resampled per pair, or rnd
 GROUP_SIZES=(${GROUP_SIZES-2 3 5 10})
 TC_LEVELS=(${TC_LEVELS-inter inter_intra full})
 ABLATION_BETA=${ABLATION_BETA-10}
@@ -91,7 +98,8 @@ if [ -z "${SWEEP_SIZE:-}" ]; then
 fi
 
 # Check every setting before anything runs.
-for v in DATASETS SEEDS TCVAE_BETAS TCVAE_GAMMAS BASE_BETAS MLVAE_BETAS GVAE_BETAS GROUP_SIZES TC_LEVELS; do
+for v in DATASETS SEEDS TCVAE_BETAS TCVAE_GAMMAS BASE_BETAS MLVAE_BETAS GVAE_BETAS ADA_MODELS ADA_BETAS PAIRS \
+  GROUP_SIZES TC_LEVELS; do
   eval "n=\${#$v[@]}"
   [ "$n" -gt 0 ] || die "$v is set but empty; unset it for the paper's values, or list some"
 done
@@ -103,8 +111,8 @@ done
 [[ $EVAL_SAMPLES =~ ^[0-9]+$ ]] || die "EVAL_SAMPLES must be a whole number (0: every point), got '$EVAL_SAMPLES'"
 [[ $EVAL_EVERY =~ ^[0-9]+$ ]] || die "EVAL_EVERY must be a whole number (0: only at the end), got '$EVAL_EVERY'"
 for s in "${SEEDS[@]}"; do [[ $s =~ ^[0-9]+$ ]] || die "SEEDS must be whole numbers, got '$s'"; done
-for n in "${TCVAE_BETAS[@]}" "${TCVAE_GAMMAS[@]}" "${MLVAE_BETAS[@]}" "${GVAE_BETAS[@]}" "$ABLATION_BETA" \
-  "$ABLATION_GAMMA"; do
+for n in "${TCVAE_BETAS[@]}" "${TCVAE_GAMMAS[@]}" "${MLVAE_BETAS[@]}" "${GVAE_BETAS[@]}" "${ADA_BETAS[@]}" \
+  "$ABLATION_BETA" "$ABLATION_GAMMA"; do
   [[ $n =~ ^[0-9]+([.][0-9]+)?$ ]] || die "betas and gammas must be non-negative numbers, got '$n'"
 done
 for bg in "${TCVAE_SETTINGS[@]:+${TCVAE_SETTINGS[@]}}"; do
@@ -113,6 +121,15 @@ done
 for gs in "${GROUP_SIZES[@]}"; do
   [[ $gs =~ ^[0-9]+$ ]] && [ "$gs" -ge 2 ] || die "GROUP_SIZES must be whole numbers >= 2, got '$gs'"
 done
+[ "${ADA_MODELS[*]}" = none ] && ADA_MODELS=()  # none: no Ada runs
+for m in "${ADA_MODELS[@]}"; do
+  case "$m" in ada_gvae|ada_mlvae) ;; *) die "ADA_MODELS: unknown model '$m' (ada_gvae, ada_mlvae, or none)" ;; esac
+done
+for p in "${PAIRS[@]}"; do
+  case "$p" in groups|k_factors|k_factors_exact) ;;
+    *) die "PAIRS: unknown kind '$p' (groups, k_factors, k_factors_exact)" ;; esac
+done
+[[ $K == rnd || $K =~ ^[1-9][0-9]*$ ]] || die "K must be rnd or a positive whole number, got '$K'"
 for tc in "${TC_LEVELS[@]}"; do
   case "$tc" in inter|inter_intra|full) ;; *) die "TC_LEVELS: unknown level '$tc' (inter, inter_intra, full)" ;; esac
 done
@@ -131,7 +148,7 @@ content_factors() {
 for d in "${DATASETS[@]}"; do content_factors "$d" >/dev/null; done
 
 # Numbers as the program prints them in folder names (10.0 -> 10), so that finished runs are recognised.
-for v in TCVAE_BETAS TCVAE_GAMMAS MLVAE_BETAS GVAE_BETAS; do eval "$v=(\$(printf '%g ' \"\${$v[@]}\"))"; done
+for v in TCVAE_BETAS TCVAE_GAMMAS MLVAE_BETAS GVAE_BETAS ADA_BETAS; do eval "$v=(\$(printf '%g ' \"\${$v[@]}\"))"; done
 ABLATION_BETA=$(printf '%g' "$ABLATION_BETA"); ABLATION_GAMMA=$(printf '%g' "$ABLATION_GAMMA")
 TCVAE_SETTINGS=($(for bg in "${TCVAE_SETTINGS[@]:+${TCVAE_SETTINGS[@]}}"; do
   printf '%g:%g ' "${bg%%:*}" "${bg##*:}"; done))
@@ -140,10 +157,12 @@ CMDS=()     # one command per process: a run, or a sweep of runs trained togethe
 OUTS=()     # its folder (a run's, or the sweep's), where its stdout.log goes
 MEMBERS=()  # the run folders it trains, to tell when it is finished
 LISTED=" "  # every run listed so far, as DATASET/NAME
-add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS": one process for their product
-  local d=$1 m=$2 gs=$3 tc=$4 betas=$5 gammas=$6 seeds=$7 b g s name names=() fresh=0 out members=""
+add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" PAIRS: one process for their product
+  local d=$1 m=$2 gs=$3 tc=$4 betas=$5 gammas=$6 seeds=$7 pairs=$8 b g s name names=() fresh=0 out members=""
+  local kind=""  # as the program names a run on k-factor pairs
+  [ "$pairs" = groups ] || kind="_pairs-${pairs}-k${K}"
   for s in $seeds; do for b in $betas; do for g in $gammas; do
-    name="${m}_beta${b}_gamma${g}_gs${gs}_tc-${tc}_seed${s}"
+    name="${m}_beta${b}_gamma${g}_gs${gs}_tc-${tc}${kind}_seed${s}"
     [[ $LISTED == *" $d/$name "* ]] || fresh=1
     LISTED+="$d/$name "
     names+=("$name")
@@ -153,7 +172,7 @@ add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS": one p
     out="$RUNS_DIR/$d/${names[0]}"
     members=$out
   else
-    out="$RUNS_DIR/$d/sweep_${m}_gs${gs}_tc-${tc}_beta${betas// /-}_gamma${gammas// /-}_seed${seeds// /-}"
+    out="$RUNS_DIR/$d/sweep_${m}_gs${gs}_tc-${tc}${kind}_beta${betas// /-}_gamma${gammas// /-}_seed${seeds// /-}"
     for name in "${names[@]}"; do members+="$out/$name "; done
   fi
   OUTS+=("$out")
@@ -161,23 +180,24 @@ add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS": one p
   CMDS+=("$PYTHON grouptc.py --model $m --dataset $d --data-dir $DATA_DIR --steps $STEPS --batch-size $BATCH_SIZE \
 --group-size $gs --beta ${betas// /,} --gamma ${gammas// /,} --tc-level $tc --content-factors $(content_factors "$d") \
 --latent-dim 10 --content-dims 5 --seed ${seeds// /,} --device $DEVICE --eval-samples $EVAL_SAMPLES \
---eval-every $EVAL_EVERY --log-every $LOG_EVERY --checkpoint-every $CHECKPOINT_EVERY --out $out --resume")
+--pairs $pairs --k $K --eval-every $EVAL_EVERY --log-every $LOG_EVERY --checkpoint-every $CHECKPOINT_EVERY \
+--out $out --resume")
 }
-emit() {  # emit DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS": their runs, SWEEP_SIZE at most a process
-  local betas=($5) gammas=($6) seeds=($7) i j k s b
+emit() {  # emit DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" [PAIRS]: their runs, at most SWEEP_SIZE
+  local betas=($5) gammas=($6) seeds=($7) pairs=${8:-groups} i j k s b  # a process
   local per=$(( ${#betas[@]} * ${#gammas[@]} ))
   if [ "$per" -le "$SWEEP_SIZE" ]; then  # every setting, as many seeds as fit
     k=$(( SWEEP_SIZE / per ))
-    for ((i = 0; i < ${#seeds[@]}; i += k)); do add "$1" "$2" "$3" "$4" "$5" "$6" "${seeds[*]:i:k}"; done
+    for ((i = 0; i < ${#seeds[@]}; i += k)); do add "$1" "$2" "$3" "$4" "$5" "$6" "${seeds[*]:i:k}" "$pairs"; done
   elif [ "${#gammas[@]}" -le "$SWEEP_SIZE" ]; then  # one seed, as many betas as fit
     k=$(( SWEEP_SIZE / ${#gammas[@]} ))
     for s in "${seeds[@]}"; do
-      for ((i = 0; i < ${#betas[@]}; i += k)); do add "$1" "$2" "$3" "$4" "${betas[*]:i:k}" "$6" "$s"; done
+      for ((i = 0; i < ${#betas[@]}; i += k)); do add "$1" "$2" "$3" "$4" "${betas[*]:i:k}" "$6" "$s" "$pairs"; done
     done
   else  # one seed and one beta, gammas in chunks
     for s in "${seeds[@]}"; do for b in "${betas[@]}"; do
       for ((j = 0; j < ${#gammas[@]}; j += SWEEP_SIZE)); do
-        add "$1" "$2" "$3" "$4" "$b" "${gammas[*]:j:SWEEP_SIZE}" "$s"
+        add "$1" "$2" "$3" "$4" "$b" "${gammas[*]:j:SWEEP_SIZE}" "$s" "$pairs"
       done
     done; done
   fi
@@ -199,6 +219,9 @@ for d in "${DATASETS[@]}"; do
       emit "$d" gvae "$gs" inter "${GVAE_BETAS[0]}" 0 "$seeds"
     done
     for tc in "${TC_LEVELS[@]}"; do emit "$d" group_tcvae 2 "$tc" "$ABLATION_BETA" "$ABLATION_GAMMA" "$seeds"; done
+    for m in "${ADA_MODELS[@]}"; do for p in "${PAIRS[@]}"; do
+      emit "$d" "$m" 2 inter "${ADA_BETAS[*]}" 0 "$seeds" "$p"
+    done; done
   done
 done
 
