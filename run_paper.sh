@@ -36,6 +36,8 @@
 #   STEPS=30000 SEEDS="0 1 2" DATASETS=dsprites_procedural TCVAE_SETTINGS=10:8 MLVAE_BETAS=1 GVAE_BETAS=4 \
 #     GROUP_SIZES=2 TC_LEVELS=full EVAL_EVERY=3000 OMP_NUM_THREADS=1 JOBS=1 RUNS_DIR=runs/cpu_study_30k \
 #     bash run_paper.sh                      # the README's 30,000-step CPU study (12 runs), one thread a run
+#   STEPS=3000 SEEDS="0 1 2" DATASETS=dsprites_procedural ONLY_MODELS="ada_gvae ada_mlvae" ADA_BETAS="1 4" \
+#     LOG_EVERY=250 CHECKPOINT_EVERY=500 RUNS_DIR=runs/cpu_study bash run_paper.sh   # part of a grid: the Ada runs
 #   SWEEP_SIZE=32 sbatch --array=0-29%8 --gres=gpu:1 run_paper.sh  # SLURM: task i runs entry i of DRY_RUN's list
 #   python grouptc.py --summarize runs/paper           # ... then the summary, once every task has finished
 # Finished runs (metrics.json present) are skipped; interrupted ones resume from their checkpoint (a sweep whose
@@ -70,6 +72,7 @@ ADA_MODELS=(${ADA_MODELS-ada_gvae ada_mlvae})  # Locatello et al. 2020's models 
 ADA_BETAS=(${ADA_BETAS-1 2 4 6 8 16})  # the weak-supervision grid of a disentanglement_lib fork
 PAIRS=(${PAIRS-groups})  # the Ada models' pairs: groups (the paper's), k_factors (DL's simple_dynamics), k_factors_exact
 K=${K-rnd}  # k-factor pairs: factors resampled per pair, or rnd
+ONLY_MODELS=(${ONLY_MODELS-group_tcvae mlvae gvae ada_gvae ada_mlvae})  # the part of the grid to run: these models'
 GROUP_SIZES=(${GROUP_SIZES-2 3 5 10})
 TC_LEVELS=(${TC_LEVELS-inter inter_intra full})
 ABLATION_BETA=${ABLATION_BETA-10}
@@ -99,7 +102,7 @@ fi
 
 # Check every setting before anything runs.
 for v in DATASETS SEEDS TCVAE_BETAS TCVAE_GAMMAS BASE_BETAS MLVAE_BETAS GVAE_BETAS ADA_MODELS ADA_BETAS PAIRS \
-  GROUP_SIZES TC_LEVELS; do
+  ONLY_MODELS GROUP_SIZES TC_LEVELS; do
   eval "n=\${#$v[@]}"
   [ "$n" -gt 0 ] || die "$v is set but empty; unset it for the paper's values, or list some"
 done
@@ -122,6 +125,9 @@ for gs in "${GROUP_SIZES[@]}"; do
   [[ $gs =~ ^[0-9]+$ ]] && [ "$gs" -ge 2 ] || die "GROUP_SIZES must be whole numbers >= 2, got '$gs'"
 done
 [ "${ADA_MODELS[*]}" = none ] && ADA_MODELS=()  # none: no Ada runs
+for m in "${ONLY_MODELS[@]}"; do
+  case "$m" in group_tcvae|mlvae|gvae|ada_gvae|ada_mlvae) ;; *) die "ONLY_MODELS: unknown model '$m'" ;; esac
+done
 for m in "${ADA_MODELS[@]}"; do
   case "$m" in ada_gvae|ada_mlvae) ;; *) die "ADA_MODELS: unknown model '$m' (ada_gvae, ada_mlvae, or none)" ;; esac
 done
@@ -161,6 +167,7 @@ add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" PAIRS:
   local d=$1 m=$2 gs=$3 tc=$4 betas=$5 gammas=$6 seeds=$7 pairs=$8 b g s name names=() fresh=0 out members=""
   local kind=""  # as the program names a run on k-factor pairs
   [ "$pairs" = groups ] || kind="_pairs-${pairs}-k${K}"
+  [[ " ${ONLY_MODELS[*]} " == *" $m "* ]] || return 0
   for s in $seeds; do for b in $betas; do for g in $gammas; do
     name="${m}_beta${b}_gamma${g}_gs${gs}_tc-${tc}${kind}_seed${s}"
     [[ $LISTED == *" $d/$name "* ]] || fresh=1

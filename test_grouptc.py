@@ -735,6 +735,10 @@ def test_run_paper_dry_run_lists_the_whole_grid():
         args = gt.parse_args(line.split()[2:])
         assert len(args.given) >= 18
     runs = {str(Path(gt.expand(gt.parse_args(line.split()[2:]))[0].out)) for line in out}
+    part = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=os.environ | {"DRY_RUN": "1",
+                          "ONLY_MODELS": "ada_gvae mlvae"}, capture_output=True, text=True, check=True).stdout
+    assert sorted(part.splitlines()) == sorted(line for line in out if "--model ada_gvae " in line or
+                                               "--model mlvae " in line)  # part of the grid: 60 + 90 runs
     for size, processes in ((32, 34), (64, 30)):  # the same 620 runs, packed into sweeps of <= size runs
         packed = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=os.environ | {"DRY_RUN": "1",
                                 "SWEEP_SIZE": str(size)}, capture_output=True, text=True, check=True).stdout
