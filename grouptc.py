@@ -17,8 +17,9 @@ Run:
     python grouptc.py --dataset dsprites_procedural --seed 0,1,2 --gamma 1,8   # a sweep: 6 runs trained together
 
 Where each quantity of the paper lives:
-    groups of observations .................. sample_groups()
+    groups of observations .................. sample_groups(); Locatello et al.'s pairs: sample_k_factor_pairs()
     Eq. (1)  WS-ELBO of MLVAE / GVAE ........ group_objective(), with product_posterior() / average_posterior()
+             Ada-GVAE / Ada-ML-VAE ......... the same, on the dims adaptive_shared_dims() infers per pair
     Eq. (2)  TC(z_c, z_\\c) ................... tc_estimate() with the discriminator D; q-bar samples: permute_codes()
              the three factorisations ......... tc_blocks()  (inter | inter_intra | full)
     Eq. (3)  group-tcVAE objective ............ group_objective(): reconstruction(), kl_to_prior(), tc_estimate(),
@@ -42,6 +43,7 @@ command line).
 """
 
 import argparse
+import collections
 import contextlib
 import csv
 import errno
@@ -77,10 +79,10 @@ TC_LEVELS = ("inter", "inter_intra", "full")
 # ================================================================================================================
 
 # ----------------------------------------------------------------------------------------------------------------
-# The group sampler: each group of observations shares every factor of ONE group of factors (content or
-# non-content, each with probability 1/2); the factors of the other group are drawn anew for every member.
-# Factors live in "class space": an integer class per factor, (..., K).
+# The group sampler: groups of observations that share every factor of one group of factors.
 # ----------------------------------------------------------------------------------------------------------------
+# A group shares the content factors or the others (probability 1/2 each); the factors of the other group are drawn
+# anew for every member. Factors live in "class space": an integer class per factor, (..., K).
 @functools.lru_cache(maxsize=None)
 def device_constant(values, device, dtype=torch.long):
     """A small constant tensor made once per device: the training step then copies nothing from the host (which
@@ -144,8 +146,8 @@ def sample_k_factor_pairs(factor_sizes, batch_size, k=None, exact=False, generat
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model: disentanglement_lib's conv encoder / deconv decoder (64x64 inputs), and the FactorVAE discriminator D.
-# The latent z = (z_\c, z_c): z_\c the first latent_dim - content_dims dims, z_c the last content_dims (Fig. 3a).
 # ----------------------------------------------------------------------------------------------------------------
+# The latent z = (z_\c, z_c): z_\c the first latent_dim - content_dims dims, z_c the last content_dims (Fig. 3a).
 class VAE(nn.Module):
     def __init__(self, channels=1, latent_dim=10):
         super().__init__()
@@ -189,8 +191,8 @@ class Discriminator(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Objectives: one small function per quantity of the paper, assembled in group_objective().
-# Shapes: B groups, G observations per group, L latent dims; mu, logvar (B, G, L).
 # ----------------------------------------------------------------------------------------------------------------
+# Shapes: B groups, G observations per group, L latent dims; mu, logvar (B, G, L).
 def reconstruction(logits, x):
     """-log p(x|z), Bernoulli on logits, summed over pixels: (N, C, H, W) x2 -> (N,)."""
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
@@ -311,7 +313,8 @@ def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims,
     if model not in OBJECTIVES:
         raise ValueError(f"unknown model {model!r}; expected one of {', '.join(OBJECTIVES)}")
     adaptive = model in ADAPTIVE
-    if x.dim() != 5 or x.shape[1] < 2 or not adaptive and tuple(shares_content.shape) != (x.shape[0],):
+    if x.dim() != 5 or x.shape[1] < 2 or not adaptive and (shares_content is None or
+                                                            tuple(shares_content.shape) != (x.shape[0],)):
         raise ValueError(f"expected x (B, G >= 2, C, H, W) and shares_content (B,), got {tuple(x.shape)} and "
                          f"{None if shares_content is None else tuple(shares_content.shape)}")
     if adaptive and x.shape[1] != 2:
@@ -346,8 +349,8 @@ def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims,
     return rec + kl + beta * tc + gamma * gkl, {"rec": rec, "kl": kl, "tc": tc, "group_kl": gkl}, z
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics: disentanglement_lib's discrete MIG, and the paper's group-MIG, on the same plug-in MI estimator.
-# The histogram MI is Numba-jitted (cached on disk, compiled once).
 # ----------------------------------------------------------------------------------------------------------------
+# The histogram MI is Numba-jitted (cached on disk, compiled once).
 _mi_kernel = None
 
 
@@ -525,7 +528,7 @@ def group_mig(codes, factors, content_latents, content_factors, n_bins=20):
 def train_step(vae, D, vae_opt, d_opt, x, shares_content, model="group_tcvae", beta=10.0, gamma=8.0, content_dims=5,
                tc_level="inter", generator=None, amp=False):
     """One optimisation step on one batch of groups x (B, G, C, H, W), shares_content (B,) (see group_objective).
-    vae, D: modules (D and d_opt None for MLVAE and GVAE); vae_opt, d_opt: their optimisers. generator: the
+    vae, D: modules (D and d_opt None for every model but group-tcVAE); vae_opt, d_opt: their optimisers. generator: the
     source of the reparameterisation noise and of the permutations. amp: bf16 autocast for the forward passes.
     Returns {term: detached scalar tensor}: loss and the objective's terms, then D's loss and accuracy; nothing
     waits for the device."""
@@ -561,13 +564,10 @@ def train_step(vae, D, vae_opt, d_opt, x, shares_content, model="group_tcvae", b
 # ================================================================================================================
 # THE MACHINERY: sweeps, run folders, data sources, arguments, the training loop, evaluation, figures, summary
 # ================================================================================================================
-class ModelSpec:
-    """What the machinery knows of a model: its default beta and gamma, the terms train_step() returns for it (the
-    columns of log.csv), how the summary draws it, and whether it is a baseline with an aggregated posterior
-    (Figures 3b, 3c). A new model is an entry here and its branch in group_objective()."""
-
-    def __init__(self, beta, gamma, terms, color, baseline):
-        self.beta, self.gamma, self.terms, self.color, self.baseline = beta, gamma, terms, color, baseline
+# What the machinery knows of a model: its default beta and gamma, the terms train_step() returns for it (the
+# columns of log.csv), its colour in the figures, and whether it is a baseline with an aggregated posterior (Figures
+# 3b, 3c). A new model is an entry here and its branch in group_objective().
+ModelSpec = collections.namedtuple("ModelSpec", "beta gamma terms color baseline")
 
 
 MODELS = {
@@ -597,9 +597,9 @@ def adam(params, net, device, capturable=False):
 
 
 class Run:
-    """One run: its flags (args), its networks and optimisers (always the trained ones), its generators and the
-    step it stands at. Alone or in a sweep it computes the same thing: it draws from its own generators, seeded
-    from its --seed."""
+    """One run: its flags (args), its networks (always the trained weights) and optimisers (None while a
+    StackedRuns holds their states), its generators and the step it stands at. Alone or in a sweep it computes the
+    same thing: it draws from its own generators, seeded from its --seed."""
 
     def __init__(self, args, data, content_factors, device):
         self.args, self.data, self.content_factors, self.device = args, data, content_factors, device
@@ -663,13 +663,14 @@ class Run:
             except RuntimeError:  # saved on another kind of device: its generator states do not fit these
                 print(f"note: the checkpoint's generators belong to another device; continuing with generators "
                       f"seeded from --seed and step {c['step']}", file=sys.stderr)
-                self.data_gen.manual_seed(self.args.seed + 2 * c["step"])
-                self.model_gen.manual_seed(self.args.seed + 2 * c["step"] + 1)
+                base = (self.args.seed * 1_000_003 + c["step"]) * 2  # no two runs or roles share a seed
+                self.data_gen.manual_seed(base)
+                self.model_gen.manual_seed(base + 1)
             self.step, self.train_seconds = int(c["step"]), float(c["train_seconds"])
             self.threads = [int(n) for n in c.get("torch_threads", [])]  # unknown for earlier checkpoints
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as error:
             raise UserError(f"the checkpoint {path} does not fit the run its flags describe "
-                            f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+                            f"({type(error).__name__}: {(str(error).splitlines() or [''])[0]})") from None
 
 
 def load_adam(opt, saved):
@@ -844,7 +845,6 @@ class Sweep:
         self.runs, device = runs, runs[0].device
         batched = (device.type != "cpu" and len(runs) > 1) if self.BATCHED is None else self.BATCHED
         self.stacked = StackedRuns(runs) if batched else None
-        self.batched = batched
         self.graph = None
         if device.type == "cuda" and not runs[0].args.eager:
             generators = [g for r in runs for g in (r.data_gen, r.model_gen)]
@@ -856,6 +856,10 @@ class Sweep:
     @property
     def step(self):
         return self.runs[0].step
+
+    @property
+    def batched(self):
+        return self.stacked is not None
 
     def _step(self):
         if self.stacked is not None:
@@ -872,14 +876,15 @@ class Sweep:
     def save(self, k, path, log_sum, log_count):
         """Run k's checkpoint, in the format of a run alone whatever trained it."""
         optimizers = self.stacked.optimizer_states(k) if self.stacked is not None else None
-        state = self.runs[k].state(log_sum, log_count, optimizers)
+        state = self.runs[k].state(log_sum.clone(), log_count, optimizers)  # its own row, not a view of all S
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run folders: bad input is a UserError (one clear line from main(), never a traceback); every file is written
-# whole or not at all; a run folder is held by one process at a time; checkpoints and configs are read back safely.
+# Run folders: errors, atomic writes, locks, checkpoints, configs read back, logs.
 # ----------------------------------------------------------------------------------------------------------------
+# Bad input is a UserError (one clear line from main(), never a traceback); every file is written whole or not at
+# all; a run folder is held by one process at a time; checkpoints and configs are read back without running code.
 class UserError(ValueError):
     """A problem with the command line's input (a flag, a data file): the message says what was wrong and what was
     expected."""
@@ -1036,6 +1041,8 @@ def merge_saved_args(args, saved, path):
 
 def _same_flag(key, typed, saved_value, saved):
     """Whether a flag typed anew says what the saved one says (the default content factors, typed out, do)."""
+    if key == "k" and saved.get("pairs", "groups") == "groups":
+        return True  # --k means nothing on the paper's group pairs
     if key != "content_factors":
         return typed == saved_value
     defaults = DEFAULT_CONTENT.get(saved.get("dataset"), ())
@@ -1110,9 +1117,10 @@ class StopRequest:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data sources: every source gives factor classes -> images. A class tuple is flattened to the row of a data set
-# by a mixed-radix index (last factor fastest), as both official files do.
+# Data sources: the official files (downloaded if missing) and the built-in renderers, factor classes -> images.
 # ----------------------------------------------------------------------------------------------------------------
+# A class tuple is flattened to the row of a data set by a mixed-radix index (last factor fastest), as both
+# official files do.
 DSPRITES_FACTORS = ("shape", "scale", "orientation", "posX", "posY")
 DSPRITES_SIZES = (3, 6, 40, 32, 32)
 # NOTE: the paper names its content split only for 3D Shapes (Sec. 4.1). For dSprites it gives none; this project
@@ -1169,7 +1177,6 @@ class GroupedData:
     factor_sizes = ()
     content_factors = ()  # default content group, by name
     channels = 1
-    description = ""
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
@@ -1508,9 +1515,9 @@ def resolve_factors(factors, factor_names):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Arguments: every hyperparameter in one place, with its meaning and paper default. --seed, --beta and --gamma
-# take lists; expand() turns a command line into its runs (a run alone is a list of one).
+# Arguments: every hyperparameter in one place, with its meaning and paper default.
 # ----------------------------------------------------------------------------------------------------------------
+# --seed, --beta and --gamma take lists; expand() turns a command line into its runs (a run alone: a list of one).
 # The flags that define what a run is; a resumed or re-evaluated run keeps them from its checkpoint.
 RUN_DEFINING = ("model", "dataset", "batch_size", "group_size", "beta", "gamma", "tc_level", "content_factors",
                 "latent_dim", "content_dims", "seed", "pairs", "k")
@@ -1528,7 +1535,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser(suppress_defaults=False, on_error=None):
     p = argparse.ArgumentParser(
-        prog="grouptc.py", description="group-tcVAE, MLVAE and GVAE on paired observations; MIG and group-MIG.",
+        prog="grouptc.py", description="group-tcVAE, MLVAE, GVAE, Ada-GVAE and Ada-ML-VAE on paired observations; "
+        "MIG and group-MIG.",
         formatter_class=_HelpFormatter)
     if on_error is not None:
         p.error = on_error
@@ -1539,7 +1547,8 @@ def build_parser(suppress_defaults=False, on_error=None):
         p.add_argument(*flags, **kw)
 
     a("--model", choices=tuple(MODELS), default="group_tcvae",
-      help="objective: group-tcVAE Eq. (3), MLVAE or GVAE Eq. (1)")
+      help="objective: group-tcVAE Eq. (3), MLVAE or GVAE Eq. (1), or Locatello et al. 2020's Ada-GVAE or "
+           "Ada-ML-VAE (Eq. 1 on the dims each pair's KL says it shares)")
     a("--dataset", choices=DATASETS, default="dsprites",
       help="dsprites / shapes3d: the official files in --data-dir (downloaded if missing). dsprites_procedural / "
            "shapes3d_procedural: built-in dSprites-like / 3DShapes-like renderers on the official factor grids, no "
@@ -1561,11 +1570,11 @@ def build_parser(suppress_defaults=False, on_error=None):
       help="k-factor pairs: the number of factors resampled, 1 .. (number of factors - 1), or rnd (drawn per pair)")
     a("--group-size", type=int, default=2, help="observations per group (paper: pairs)")
     a("--beta", type=_values(float), default=None,
-      help="group-tcVAE: weight of TC(z_c, z_\\c), paper grid {10,20,30,40,50,100}, default 10; MLVAE/GVAE: weight "
+      help="group-tcVAE: weight of TC(z_c, z_\\c), paper grid {10,20,30,40,50,100}, default 10; the others: weight "
            "of the KL, Locatello's grid {1,2,4,6,8,16}, default 1. A comma-separated list makes a sweep (see --out)")
     a("--gamma", type=_values(float), default=None,
       help="group-tcVAE: weight of the KL between the members' shared-group posteriors ('lambda' in the paper's "
-           "grid {1,8,16,32,64}), default 8; unused by MLVAE/GVAE. A comma-separated list makes a sweep")
+           "grid {1,8,16,32,64}), default 8; unused by the others. A comma-separated list makes a sweep")
     a("--tc-level", choices=TC_LEVELS, default="inter",
       help="factorisation of q-bar (Sec. 3): inter: q(z_c)q(z_\\c), the paper's objective; inter_intra: q(z_c) "
            "prod_i q(z_\\c,i); full: prod_i q(z_i) (FactorVAE). Recommended when MIG matters: full, the one "
@@ -1761,8 +1770,7 @@ def resolve_device(name):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The training loop: data, sampling and the step stay on the device; the host only looks when logging or
-# checkpointing.
+# The training loop: the step on the device; the host looks only when logging, evaluating or checkpointing.
 # ----------------------------------------------------------------------------------------------------------------
 def build_runs(members, checkpoints=None, paths=None):
     """The Runs of these flags (one data set, on one device), each loaded from its checkpoint (None: step 0)."""
@@ -1815,10 +1823,10 @@ def train(members, sweep=False):
     for m, run in zip(members, runs.runs):
         write_text_atomic(Path(m.out) / "config.json", json.dumps(public_args(m), indent=2) + "\n")
         logs.append(RunLog(m, names, runs.step, sweep))
-        if run.threads and threads not in run.threads:
+        if run.threads and run.threads[-1] != threads:
             print(f"note: {m.out} trained with {run.threads[-1]} torch thread(s) and continues with {threads}: "
                   "the CPU's sums depend on it, so from here on it is not the uninterrupted run", file=sys.stderr)
-        run.threads += [threads] if threads not in run.threads else []
+        run.threads += [threads] if run.threads[-1:] != [threads] else []  # each change of count, in order
     alive = list(range(S))
 
     stop = StopRequest()
@@ -1838,15 +1846,11 @@ def train(members, sweep=False):
             log_sum += runs.train_step()
             log_count += 1
             step = runs.step
-            if a.eval_every and step % a.eval_every == 0:  # scores over training, on the final evaluation's points
-                for k in alive:
-                    r = runs.runs[k]
-                    scores = evaluate(r.vae, r.data, r.content_factors, a.content_dims, a.eval_samples, a.seed)[0]
-                    logs[k].scores_row(step, scores)
             at_log, at_ckpt = step % a.log_every == 0 or step == a.steps, step % a.checkpoint_every == 0
-            if not (at_log or at_ckpt):
+            at_eval = a.eval_every and step % a.eval_every == 0
+            if not (at_log or at_ckpt or at_eval):
                 continue
-            means = (log_sum / max(log_count, 1)).tolist()  # the one host sync, every log / checkpoint step
+            means = (log_sum / max(log_count, 1)).tolist()  # the one host sync, every log / checkpoint / eval step
             now = time.perf_counter()
             for k in alive:
                 runs.runs[k].train_seconds += now - last_time
@@ -1876,6 +1880,11 @@ def train(members, sweep=False):
             if at_ckpt or step == a.steps:
                 for k in alive:
                     runs.save(k, ckpt_paths[k], log_sum[k], log_count)
+            if at_eval:  # scores over training, on each run's final evaluation's points (not counted as training)
+                for k in alive:
+                    r = runs.runs[k]
+                    scores = evaluate(r.vae, r.data, r.content_factors, a.content_dims, a.eval_samples, r.args.seed)
+                    logs[k].scores_row(step, scores[0])
             last_step, last_time = step, time.perf_counter()
         for k in alive:
             runs.runs[k].train_seconds += time.perf_counter() - last_time
@@ -2045,14 +2054,19 @@ def plot_reconstructions(run, path, n_groups=8, seed=0):
     means (right)."""
     a, data = run.args, run.data
     gen = torch.Generator(device=run.device).manual_seed(seed + 11)
-    classes, shares = sample_groups(data.factor_sizes, run.content_factors, n_groups, a.group_size, gen)
+    if a.pairs == "groups":
+        classes, shares = sample_groups(data.factor_sizes, run.content_factors, n_groups, a.group_size, gen)
+        labels = ["shares c" if s else "shares \\c" for s in shares.tolist()]
+    else:
+        classes, resampled = sample_k_factor_pairs(data.factor_sizes, n_groups, None if a.k == "rnd" else a.k,
+                                                   a.pairs == "k_factors_exact", gen)
+        labels = [f"{n} resampled" for n in resampled.sum(1).tolist()]
     x = data.images(classes.flatten(0, 1))
     run.vae.eval()
     rec = torch.sigmoid(run.vae.decode(run.vae.encode(x)[0]).float())
     run.vae.train()
     G = a.group_size
     both = torch.cat([x.view(n_groups, G, *x.shape[1:]), rec.view(n_groups, G, *x.shape[1:])], 1)
-    labels = ["shares c" if s else "shares \\c" for s in shares.tolist()]
     _image_figure(tile(both), path, labels, f"{G} observations of a group | their reconstructions", n_groups, 2 * G)
 
 
@@ -2121,9 +2135,9 @@ def evaluate_and_plot(run, out, n_samples):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Summary of a grid of runs: results.md, Figure 4 (densities), Figure 3(b) (content vs non-content), Figure 3(c)
-# (group size). Driven by MODELS and SCORES: a model or a score they do not list is shown plainly, never an error.
+# Summary of a grid of runs: results.md, Figures 4, 3(b), 3(c), and the scores over training.
 # ----------------------------------------------------------------------------------------------------------------
+# Driven by MODELS and SCORES: a model or a score they do not list is shown plainly, never an error.
 def _legend(ax):
     if ax.get_legend_handles_labels()[0]:  # an empty legend is a matplotlib warning
         ax.legend(fontsize=8)
@@ -2299,27 +2313,30 @@ def figure_3b(rs, dataset, path):
 
 def figure_3c(rs, dataset, path):
     """Figure 3(c): the baselines' MIG against the number of observations sharing a group. The runs at larger
-    groups use the baselines' first beta; pairs are compared at the same beta(s)."""
+    groups use each model's first beta; its pairs are compared at the same beta(s)."""
     plt = _plt()
-    base = [m for m in rs if m["model"] in MODELS and MODELS[m["model"]].baseline and "mig" in m]
-    betas = sorted({m["beta"] for m in base if m.get("group_size", 2) != 2}) or sorted({m["beta"] for m in base})
+    base = [m for m in rs if m["model"] in MODELS and MODELS[m["model"]].baseline and "mig" in m
+            and m.get("pairs", "groups") == "groups"]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    shown = set()
     for model in sorted({m["model"] for m in base}, key=_model_order):
+        own = [m for m in base if m["model"] == model]
+        betas = {m["beta"] for m in own if m.get("group_size", 2) != 2} or {m["beta"] for m in own}
         by_size = {}
-        for m in base:
-            if m["model"] == model and m["beta"] in betas:
+        for m in own:
+            if m["beta"] in betas:
                 by_size.setdefault(m.get("group_size", 2), []).append(m["mig"])
         sizes = sorted(by_size)
-        if not sizes:
-            continue
         for s in sizes:
             ax.plot(np.full(len(by_size[s]), s), by_size[s], "o", color=_color(model), alpha=0.4, ms=4)
         ax.errorbar(sizes, [np.mean(by_size[s]) for s in sizes], [np.std(by_size[s]) for s in sizes],
-                    color=_color(model), marker="s", capsize=3, label=model)
+                    color=_color(model), marker="s", capsize=3,
+                    label=f"{model} (beta {', '.join(f'{b:g}' for b in sorted(betas))})")
+        shown |= betas
     ax.set_xlabel("observations per group (--group-size)")
     ax.set_ylabel("MIG")
-    ax.set_title(f"Figure 3(c), {dataset}: MIG vs group size\n(baselines' runs at beta "
-                 f"{', '.join(f'{b:g}' for b in betas)})", fontsize=9)
+    ax.set_title(f"Figure 3(c), {dataset}: MIG vs group size\n(baselines' runs on group pairs, each at its first "
+                 "beta)", fontsize=9)
     _legend(ax)
     fig.tight_layout()
     save_figure(fig, path, 110)

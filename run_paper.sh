@@ -70,7 +70,7 @@ MLVAE_BETAS=(${MLVAE_BETAS-${BASE_BETAS[*]}})  # one baseline's betas apart from
 GVAE_BETAS=(${GVAE_BETAS-${BASE_BETAS[*]}})
 ADA_MODELS=(${ADA_MODELS-ada_gvae ada_mlvae})  # Locatello et al. 2020's models (infer what a pair shares), or none
 ADA_BETAS=(${ADA_BETAS-1 2 4 6 8 16})  # the weak-supervision grid of a disentanglement_lib fork
-PAIRS=(${PAIRS-groups})  # the Ada models' pairs: groups (the paper's), k_factors (DL's simple_dynamics), k_factors_exact
+PAIRS=(${PAIRS-groups})  # the Ada models' pairs: groups (the paper's), k_factors (DL's), k_factors_exact
 K=${K-rnd}  # k-factor pairs: factors resampled per pair, or rnd
 ONLY_MODELS=(${ONLY_MODELS-group_tcvae mlvae gvae ada_gvae ada_mlvae})  # the part of the grid to run: these models'
 GROUP_SIZES=(${GROUP_SIZES-2 3 5 10})
@@ -187,7 +187,7 @@ add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" PAIRS:
   CMDS+=("$PYTHON grouptc.py --model $m --dataset $d --data-dir $DATA_DIR --steps $STEPS --batch-size $BATCH_SIZE \
 --group-size $gs --beta ${betas// /,} --gamma ${gammas// /,} --tc-level $tc --content-factors $(content_factors "$d") \
 --latent-dim 10 --content-dims 5 --seed ${seeds// /,} --device $DEVICE --eval-samples $EVAL_SAMPLES \
---pairs $pairs --k $K --eval-every $EVAL_EVERY --log-every $LOG_EVERY --checkpoint-every $CHECKPOINT_EVERY \
+--pairs $pairs ${kind:+--k $K }--eval-every $EVAL_EVERY --log-every $LOG_EVERY --checkpoint-every $CHECKPOINT_EVERY \
 --out $out --resume")
 }
 emit() {  # emit DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" [PAIRS]: their runs, at most SWEEP_SIZE

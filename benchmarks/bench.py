@@ -75,7 +75,7 @@ def make_steps(code, argv, device):
         bare = lambda: code.train_step(run.vae, run.D, run.vae_opt, run.d_opt, x, shares, a.model, a.beta,  # noqa
                                        a.gamma, a.content_dims, a.tc_level, run.model_gen, device.type == "cuda")
         return sweep, sweep.train_step, bare
-    args = code.finish_args(code.parse_args(argv))  # before 2026-12-01: Run of stacked weights, update()
+    args = code.finish_args(code.parse_args(argv))  # up to commit ad36552: Run of stacked weights, update()
     run = code.Run(code.sweep_members(args) if args.sweep else [args], device)
     batch = run.sample_batch()
     return run, run.train_step, lambda: run.update(*batch)
