@@ -1021,6 +1021,8 @@ def prepare_run(args):
         merge_saved_args(args, read_config(config_path), config_path)
         print(f"{out} has no checkpoint (its run stopped before the first one): restarting the run its config.json "
               "defines from step 0", file=sys.stderr)
+    else:
+        check_args(args)  # nothing saved: the typed flags alone define the run
     return checkpoint
 
 
@@ -1712,7 +1714,9 @@ def expand(args):
         m.seed, m.beta, m.gamma, m.sweep, m.given = seed, beta, gamma, False, set(args.given)
         if args.sweep:
             m.out = str(Path(args.out) / run_name(m))
-        members.append(check_args(m))
+        # checked now, or (a run alone resumed or re-evaluated) once the flags saved in its folder have joined the
+        # typed ones, in prepare_run() or eval_only(); a sweep's saved flags joined above
+        members.append(m if (args.resume and not args.sweep) or args.eval_only else check_args(m))
     return members
 
 

@@ -1553,7 +1553,8 @@ def test_ada_models_train_on_every_kind_of_pairs(tmp_path, model, pairs):
     assert 0 < float(rows[-1]["shared_dims"]) < 10
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["model"], metrics["pairs"], metrics["k"]) == (model, pairs, 2)
-    assert gt.main(["--resume", "--out", str(out), "--steps", "8"]) == 0  # its flags come back from its config
+    # its flags come back from its checkpoint; typed anew, its own --pairs agrees (whatever --model defaults to)
+    assert gt.main(["--resume", "--out", str(out), "--steps", "8", "--pairs", pairs]) == 0
 
 
 def test_pairs_are_checked_against_the_model(tmp_path, capsys):
