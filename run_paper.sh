@@ -21,7 +21,7 @@
 # per data set 160 group-tcVAE runs and 150 others = about 45 GPU-hours, about 90 for both data sets, plus a few
 # seconds of evaluation per run.
 # Groups of 3 to 10 observations and 3D Shapes' 3 channels make some steps longer: not measured, so count more.
-# With GPUS, runs are packed into sweeps of up to SWEEP_SIZE runs a process (26 processes at 64), which is what
+# With GPUS, runs are packed into sweeps of up to SWEEP_SIZE runs a process (30 processes at 64), which is what
 # should cut this: sweep speed on a GPU is not measured yet (benchmarks/gpu.sh measures it), so no figure here.
 #
 # Usage:
