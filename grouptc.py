@@ -1998,7 +1998,8 @@ def _plt():
 
 
 def save_figure(fig, path, dpi):
-    """Write a figure as PNG atomically (never a 0-byte or half-written picture), then free it."""
+    """Lay a figure out, write it as PNG atomically (never a 0-byte or half-written picture), then free it."""
+    fig.tight_layout()
     try:
         write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:
@@ -2028,7 +2029,6 @@ def plot_mi_matrix(metrics, path):
     ax.set_title(f"{metrics['model']} on {metrics['dataset']}: normalised MI I(z;v)/H(v)\n"
                  f"MIG {metrics['mig']:.3f}   group-MIG {metrics['group_mig']:.3f}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
     save_figure(fig, path, 110)
 
 
@@ -2048,7 +2048,6 @@ def _image_figure(picture, path, row_labels, title, rows, cols, dpi=100):
     ax.set_yticks((np.arange(rows) + 0.5) * picture.shape[0] / rows, row_labels, fontsize=8)
     ax.set_xticks([])
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     save_figure(fig, path, dpi)
 
 
@@ -2105,7 +2104,6 @@ def plot_training_curves(log_path, path, titles=None):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
     save_figure(fig, path, 90)
 
 
@@ -2285,7 +2283,6 @@ def figure_4(rs, dataset, path):
                      f"beta and gamma" + (f"; {left_out} other runs not shown)" if left_out else ")"), fontsize=9)
         ax.set_xlabel(f"{title} (higher is better)")
         _legend(ax)
-    fig.tight_layout()
     save_figure(fig, path, 110)
 
 
@@ -2311,7 +2308,6 @@ def figure_3b(rs, dataset, path):
     betas = sorted({m["beta"] for m in main_runs})
     ax.set_title(f"Figure 3(b), {dataset}: group-MIG of content vs non-content\n(baselines' runs of pairs at "
                  f"beta {', '.join(f'{b:g}' for b in betas)})", fontsize=9)
-    fig.tight_layout()
     save_figure(fig, path, 110)
 
 
@@ -2342,7 +2338,6 @@ def figure_3c(rs, dataset, path):
     ax.set_title(f"Figure 3(c), {dataset}: MIG vs group size\n(baselines' runs on group pairs, each at its first "
                  "beta)", fontsize=9)
     _legend(ax)
-    fig.tight_layout()
     save_figure(fig, path, 110)
 
 
@@ -2371,7 +2366,6 @@ def figure_scores(rs, dataset, path):
         ax.set_title(f"{title} over training, {dataset}\n(per setting: mean over seeds; thin: each seed)", fontsize=9)
         ax.set_xlabel("step")
         _legend(ax)
-    fig.tight_layout()
     save_figure(fig, path, 110)
 
 
