@@ -53,6 +53,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -663,7 +664,7 @@ class Run:
             except RuntimeError:  # saved on another kind of device: its generator states do not fit these
                 print(f"note: the checkpoint's generators belong to another device; continuing with generators "
                       f"seeded from --seed and step {c['step']}", file=sys.stderr)
-                base = (self.args.seed * 1_000_003 + c["step"]) * 2  # no two runs or roles share a seed
+                base = (self.args.seed * 1_000_003 + c["step"]) * 2 % 2 ** 63  # two roles, never one seed
                 self.data_gen.manual_seed(base)
                 self.model_gen.manual_seed(base + 1)
             self.step, self.train_seconds = int(c["step"]), float(c["train_seconds"])
@@ -904,7 +905,11 @@ def write_atomic(path, write):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as error:  # torch.save's failed write (a full disk, say) is not an OSError
+            raise OSError(errno.EIO, f"could not write it ({str(error).splitlines()[0] if str(error) else error})",
+                          str(path)) from None
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
@@ -945,6 +950,7 @@ class RunFolderLock:
 
     def __enter__(self):
         check_out_folder(self.out)
+        self.made = not self.out.exists()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -965,7 +971,9 @@ class RunFolderLock:
         os.pwrite(self.fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, error_type, *exc):
+        if error_type is not None and self.made and [p.name for p in self.out.iterdir()] == [".lock"]:
+            shutil.rmtree(self.out, ignore_errors=True)  # refused before writing anything: leave nothing behind
         os.close(self.fd)  # closing the descriptor releases the lock; the file stays (removing it would race)
 
 
@@ -989,7 +997,7 @@ def load_checkpoint(path):
 
 
 def read_config(path):
-    """A run folder's config.json (or a sweep's sweep.json): the flags that define its runs."""
+    """A run folder's config.json: the flags that define its run."""
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
@@ -1000,30 +1008,60 @@ def read_config(path):
 
 
 def prepare_run(args):
-    """Read what args.out already holds, for a run about to train there -> its checkpoint (None: from step 0), or
-    False when the run is finished. The folder's config.json defines its run: --resume continues it from its
-    checkpoint, or restarts it from step 0 when it died before its first checkpoint."""
+    """Read what args.out already holds, for a run about to train there (its folder held by this process) -> its
+    checkpoint (None: from step 0), or False when the run is finished: trained to its --steps and evaluated there.
+    The folder's config.json defines its run: --resume continues it from its checkpoint, or restarts it from step 0
+    when it died before its first checkpoint. A sweep's run must be the run its folder's name says."""
     out = Path(args.out)
     ckpt_path, config_path = out / "checkpoint.pt", out / "config.json"
+    check_run_folder(out)
     checkpoint = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
-    if not args.resume and (ckpt_path.exists() or config_path.exists() or (out / "metrics.json").exists()):
+    if not args.resume and is_run(out):
         raise UserError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+    for orphan in out.glob(".*.tmp"):  # left by a process killed while writing (this process holds the folder)
+        orphan.unlink(missing_ok=True)
     if checkpoint is not None:
         merge_saved_args(args, checkpoint["args"], ckpt_path)  # the saved --device too, unless typed anew
+        saved = argparse.Namespace(**(DEFAULTS | vars(read_flags(read_config(config_path), config_path)))) \
+            if config_path.exists() else args
+        if identity(saved) != identity(args):
+            raise UserError(f"{config_path} and {ckpt_path} describe different runs; one of them was put there from "
+                            "another run: move the folder out of the way")
         if args.steps < checkpoint["step"]:
             raise UserError(f"--steps {args.steps} is below the {checkpoint['step']:,} steps the run in {out} has "
                             f"trained; give --steps {checkpoint['step']} or more (or leave it out)")
-        if args.steps == checkpoint["step"] and (out / "metrics.json").exists():
-            print(f"{out} is finished ({args.steps:,} steps, evaluated); nothing to do. --eval-only evaluates it "
-                  "again", file=sys.stderr)
-            return False
     elif args.resume and config_path.exists():
         merge_saved_args(args, read_config(config_path), config_path)
         print(f"{out} has no checkpoint (its run stopped before the first one): restarting the run its config.json "
               "defines from step 0", file=sys.stderr)
     else:
         check_args(args)  # nothing saved: the typed flags alone define the run
+    if getattr(args, "parent", None) is not None and run_name(args) != out.name:
+        raise UserError(f"{out} holds the run {run_name(args)}, not the one its name says; a run's folder in a "
+                        f"sweep is named by its settings: move it out of the way (or rename it {run_name(args)})")
+    if checkpoint is not None and args.steps == checkpoint["step"] and evaluated_at(out) == args.steps:
+        print(f"{out} is finished ({args.steps:,} steps, evaluated); nothing to do. --eval-only evaluates it again",
+              file=sys.stderr)
+        return False
     return checkpoint
+
+
+def check_run_folder(out):
+    """A run's folder is a folder of its own: it holds no runs below it and is inside no run."""
+    if runs_below(out):
+        raise UserError(f"--out {out} holds runs in folders below it ({runs_below(out)[0]}, ...); a run needs a "
+                        "folder of its own: choose another --out (or --resume it without --model to continue the "
+                        "runs there)")
+    if run_above(out) is not None:
+        raise UserError(f"--out {out} is inside the run folder {run_above(out)}; choose a folder outside it")
+
+
+def evaluated_at(out):
+    """The step at which the run in `out` was last evaluated (its metrics.json), or None."""
+    try:
+        return json.loads((Path(out) / "metrics.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def merge_saved_args(args, saved, path):
@@ -1053,7 +1091,7 @@ def _same_flag(key, typed, saved_value, saved):
 
 
 def public_args(args):
-    return {k: v for k, v in vars(args).items() if k not in ("given", "sweep")}
+    return {k: v for k, v in vars(args).items() if k not in ("given", "sweep", "parent")}
 
 
 class CsvLog:
@@ -1063,8 +1101,7 @@ class CsvLog:
     def __init__(self, path, columns, step):
         self.path = Path(path)
         rows = read_log(path) if self.path.exists() and step > 0 else []
-        rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step
-                and all(r.get(c) not in (None, "") for c in columns)]
+        rows = [r for r in rows if whole_row(r, columns) and int(r["step"]) <= step]
 
         def write(tmp):
             with open(tmp, "w", newline="") as f:
@@ -1086,6 +1123,11 @@ class RunLog:
     def __init__(self, args, names, step, sweep):
         self.out, self.sweep = Path(args.out), sweep
         self.terms = CsvLog(self.out / "log.csv", ["step", *names, "ms_per_step"], step)
+        if sweep and step > 0 and (self.out / "train.log").exists():  # a resume: the lines after its step go
+            lines = (self.out / "train.log").read_text().splitlines()
+            kept = [line for line in lines if not re.match(r"step\s+(\d+)/", line)
+                    or int(re.match(r"step\s+(\d+)/", line)[1]) <= step]
+            write_text_atomic(self.out / "train.log", "\n".join(kept + [f"resumed at step {step:,}"]) + "\n")
         self.scores = CsvLog(self.out / "scores.csv", ["step", *SCORES], step) if args.eval_every else None
 
     def row(self, step, means, ms):
@@ -1098,6 +1140,15 @@ class RunLog:
         if self.sweep:
             with open(self.out / "train.log", "a") as f:
                 f.write(line + "\n")
+
+
+def whole_row(row, columns=None):
+    """Whether a log row is whole: a step, then a number in every column (a row cut by a crash is not)."""
+    try:
+        [float(row[c]) for c in (columns or row) if c != "step"]  # noqa: B018 (numbers, or an error)
+        return str(row.get("step")).isdigit() and None not in row
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def read_log(path):
@@ -1137,6 +1188,10 @@ DEFAULT_CONTENT = {"dsprites": DSPRITES_CONTENT, "dsprites_procedural": DSPRITES
                    "shapes3d": SHAPES3D_CONTENT, "shapes3d_procedural": SHAPES3D_CONTENT}
 DATASET_FACTORS = {"dsprites": DSPRITES_FACTORS, "dsprites_procedural": DSPRITES_FACTORS,
                    "shapes3d": SHAPES3D_FACTORS, "shapes3d_procedural": SHAPES3D_FACTORS}
+DATASET_SIZES = {"dsprites": DSPRITES_SIZES, "dsprites_procedural": DSPRITES_SIZES,
+                 "shapes3d": SHAPES3D_SIZES, "shapes3d_procedural": SHAPES3D_SIZES}
+MIN_EVAL_SAMPLES = 100  # fewer points than this in 20 bins make the plug-in MI mostly noise
+MAX_SEED = 2 ** 62  # the generators' seeds are derived from it and must stay within torch's 64 bits
 
 DSPRITES_NPZ = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 DSPRITES_HDF5 = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.hdf5"
@@ -1597,11 +1652,14 @@ def build_parser(suppress_defaults=False, on_error=None):
     a("--out", default=None,
       help="run folder (default runs/MODEL-DATASET-seedSEED). A sweep (lists in --seed, --beta, --gamma: every "
            "combination is a run, all trained together in this process) puts each run in a folder of its own under "
-           "--out (default runs/MODEL-DATASET-sweep), named by its settings")
+           "--out (default runs/MODEL-DATASET-sweep), named by its settings; a folder holds one run or runs below "
+           "it, never both")
     a("--eval-samples", type=int, default=10_000,
       help="points for MIG / group-MIG (disentanglement_lib: 10,000); 0: every point of the data set")
     a("--resume", action="store_true", default=False,
-      help="continue the run in --out from its checkpoint.pt (starts fresh when there is none)")
+      help="continue the run in --out from its checkpoint.pt (starts fresh when there is none). On a folder of runs: "
+           "without --model, continue the unfinished runs below it (typed --seed, --beta, --gamma and run-defining "
+           "flags select among them); with --model, the runs the command names, resumed where they are there")
     a("--eval-only", action="store_true", default=False,
       help="no training: evaluate the checkpoint in --out again and rewrite metrics.json and the figures")
     a("--eval-every", type=int, default=0,
@@ -1648,8 +1706,11 @@ def parse_args(argv=None):
     return args
 
 
+DEFAULTS = vars(build_parser().parse_args([]))  # the flags' defaults, by name
+
+
 def read_flags(saved, path, lists=False):
-    """Flags saved by this program (a config.json, a checkpoint's args, a sweep.json) -> a Namespace of those this
+    """Flags saved by this program (a config.json, a checkpoint's args) -> a Namespace of those this
     program knows, read by the same parser as typed flags, so that they pass the same checks. --seed, --beta and
     --gamma come back as lists when `lists`, else as the single value a run holds."""
     def refuse(message):
@@ -1682,42 +1743,139 @@ def read_flags(saved, path, lists=False):
     return flags
 
 
+def _exact(x):
+    """A number as a folder name shows it: exactly (the float's repr; 10.0 -> 10), so two values never share a
+    name (0.1 and 0.1000001 do under %g)."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def content_names(args):
+    """A run's content factors as names in the data set's order (--content-factors typed in any order, or left
+    to the data set's default, says one thing one way)."""
+    names = DATASET_FACTORS[args.dataset]
+    chosen = DEFAULT_CONTENT[args.dataset] if args.content_factors is None else args.content_factors
+    return tuple(names[k] for k in resolve_factors(chosen, list(names)))
+
+
 def run_name(args):
-    """A sweep's run folder, named by what sets the run apart (as run_paper.sh names its runs)."""
-    pairs = f"_pairs-{args.pairs}-k{args.k}" if args.pairs != "groups" else ""
-    return (f"{args.model}_beta{args.beta:g}_gamma{args.gamma:g}_gs{args.group_size}_tc-{args.tc_level}{pairs}_"
-            f"seed{args.seed}")
+    """A run's identity as a folder name: every flag that defines the run (RUN_DEFINING), exactly, so that no two
+    runs share a name and a run's folder never depends on which process trains it. Batch size, latent dims and
+    content factors appear where they differ from the defaults; k only on k-factor pairs, where it means something."""
+    name = (f"{args.model}_{args.dataset}_beta{_exact(args.beta)}_gamma{_exact(args.gamma)}_gs{args.group_size}_"
+            f"tc-{args.tc_level}")
+    if args.pairs != "groups":
+        name += f"_pairs-{args.pairs}-k{args.k}"
+    if args.batch_size != DEFAULTS["batch_size"]:
+        name += f"_bs{args.batch_size}"
+    if (args.latent_dim, args.content_dims) != (DEFAULTS["latent_dim"], DEFAULTS["content_dims"]):
+        name += f"_z{args.latent_dim}-{args.content_dims}"
+    if content_names(args) != DEFAULT_CONTENT[args.dataset]:
+        name += "_c-" + "-".join(content_names(args))
+    return name + f"_seed{args.seed}"
+
+
+def looks_like_run_name(name):
+    """Whether a folder name is in run_name()'s form (a folder a user named otherwise is not checked by it)."""
+    return re.fullmatch(rf"({'|'.join(MODELS)})_.+_seed\d+", name) is not None
+
+
+def identity(args):
+    """What makes two runs the same run: their run-defining flags, the content factors as names."""
+    return tuple(content_names(args) if k == "content_factors" else getattr(args, k) for k in RUN_DEFINING
+                 if k != "k" or args.pairs != "groups")
+
+
+def is_run(folder):
+    """A run folder holds the files of one run; any other folder may hold runs below it (a parent)."""
+    return any((Path(folder) / f).exists() for f in ("config.json", "checkpoint.pt", "metrics.json"))
+
+
+def runs_below(folder):
+    """The run folders below `folder` (at any depth, never inside a run), sorted."""
+    found = []
+    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        if path.is_dir() and not path.is_symlink():
+            found += [path] if is_run(path) else runs_below(path)
+    return found
+
+
+def run_above(folder):
+    """The run folder that holds `folder` (None: it is inside no run)."""
+    return next((p for p in Path(folder).absolute().parents if is_run(p)), None)
 
 
 def expand(args):
     """The runs a command line asks for -> a list of their flags, one Namespace per run (a single seed, beta and
-    gamma), each checked. Every combination of the --seed, --beta and --gamma values is a run; more than one (or
-    --resume on a sweep's folder, whose sweep.json holds its lists) makes a sweep: each run then has a folder of
-    its own under --out, named by run_name(). Sets args.sweep and args.out."""
-    if args.resume and args.out is not None and (Path(args.out) / "sweep.json").is_file():
-        path = Path(args.out) / "sweep.json"
-        for key, value in vars(read_flags(read_config(path), path, lists=True)).items():
-            if key not in args.given:  # the sweep's flags, unless typed anew
-                setattr(args, key, value)
+    gamma), each checked. Every combination of the --seed, --beta and --gamma values is a run; more than one makes
+    a sweep, whose runs each go in a folder of its own under --out, named by run_name(). --resume on a folder of
+    runs without --model continues the runs found there (discover()). Sets args.sweep and args.out."""
+    if args.resume and args.out is not None and "model" not in args.given and runs_below(args.out):
         args.sweep = True
+        return discover(args)
     spec = MODELS[args.model]
     args.beta = [spec.beta] if args.beta is None else list(args.beta)
     args.gamma = [spec.gamma] if args.gamma is None else list(args.gamma)
     args.seed = list(args.seed) if isinstance(args.seed, list) else [args.seed]
     combinations = list(itertools.product(args.seed, args.beta, args.gamma))
-    args.sweep = getattr(args, "sweep", False) or len(combinations) > 1
+    args.sweep = len(combinations) > 1
     if args.out is None:
         args.out = f"runs/{args.model}-{args.dataset}-" + ("sweep" if args.sweep else f"seed{args.seed[0]}")
     members = []
     for seed, beta, gamma in combinations:
         m = argparse.Namespace(**vars(args))
         m.seed, m.beta, m.gamma, m.sweep, m.given = seed, beta, gamma, False, set(args.given)
+        m.parent = args.out if args.sweep else None  # a sweep's run: its folder's name must be its run_name()
+        # checked now, or (a run alone resumed or re-evaluated) once the flags saved in its folder have joined the
+        # typed ones, in prepare_run() or eval_only()
+        members.append(m if (args.resume and not args.sweep) or args.eval_only else check_args(m))
         if args.sweep:
             m.out = str(Path(args.out) / run_name(m))
-        # checked now, or (a run alone resumed or re-evaluated) once the flags saved in its folder have joined the
-        # typed ones, in prepare_run() or eval_only(); a sweep's saved flags joined above
-        members.append(m if (args.resume and not args.sweep) or args.eval_only else check_args(m))
+    if args.sweep and len({m.out for m in members}) < len(members):
+        raise UserError("--seed, --beta and --gamma name some run twice; give distinct values")
+    others = runs_below(args.out) if args.sweep and args.resume else []
+    if others and not any(is_run(m.out) for m in members):
+        raise UserError(f"--resume: none of the {len(members)} runs this command names is in {args.out}, which holds "
+                        f"{len(others)} other runs (such as {others[0].name}); leave out --model to continue those, "
+                        "or --resume to start these")
     return members
+
+
+def saved_flags(folder):
+    """A run folder's flags, as its checkpoint (else its config.json) saved them."""
+    folder = Path(folder)
+    if (folder / "checkpoint.pt").is_file():
+        return load_checkpoint(folder / "checkpoint.pt")["args"], folder / "checkpoint.pt"
+    if (folder / "config.json").is_file():
+        return read_config(folder / "config.json"), folder / "config.json"
+    raise UserError(f"{folder} holds a metrics.json but neither checkpoint.pt nor config.json; it cannot be "
+                    "resumed (move it out of the way)")
+
+
+def discover(args):
+    """--resume --out PARENT: the runs below PARENT, each with the flags saved in its folder and the flags typed
+    now that do not define a run (--steps, --device, ...). Typed --seed, --beta, --gamma lists and run-defining
+    flags select among them; what selects none is refused."""
+    chosen, found = [], runs_below(args.out)
+    for folder in found:
+        saved, path = saved_flags(folder)
+        flags = read_flags(saved, path)
+        if not all(getattr(flags, k, None) in getattr(args, k) if k in LIST_FLAGS else
+                   _same_flag(k, getattr(args, k), getattr(flags, k, None), saved)
+                   for k in RUN_DEFINING if k in args.given):
+            continue
+        m = argparse.Namespace(**(vars(args) | {k: v for k, v in vars(flags).items() if k not in args.given}))
+        m.seed, m.beta, m.gamma = flags.seed, flags.beta, flags.gamma
+        m.out, m.sweep, m.given = str(folder), False, set(args.given) - set(LIST_FLAGS)
+        m.parent = str(folder.parent) if looks_like_run_name(folder.name) else None
+        chosen.append(m)
+    if not chosen:
+        shown = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+        typed = ", ".join(f"--{k.replace('_', '-')} {shown(getattr(args, k))}" for k in RUN_DEFINING
+                          if k in args.given)
+        raise UserError(f"--resume: no run below {args.out} has {typed} (it holds {len(found)} runs, such as "
+                        f"{found[0].name}); leave those flags out to continue every run there")
+    return chosen
 
 
 def check_args(args):
@@ -1731,12 +1889,17 @@ def check_args(args):
         raise UserError(f"--group-size must be at least 2 (a group of observations), got {args.group_size}")
     if args.eval_every < 0:
         raise UserError(f"--eval-every must be 0 (only at the end) or a number of steps, got {args.eval_every}")
-    if args.eval_samples < 0 or args.eval_samples == 1:
-        raise UserError(f"--eval-samples must be 0 (all points) or at least 2 (disentanglement_lib: 10,000), got "
-                        f"{args.eval_samples}")
+    n_points = math.prod(DATASET_SIZES[args.dataset])
+    if args.eval_samples != 0 and not MIN_EVAL_SAMPLES <= args.eval_samples <= n_points:
+        raise UserError(f"--eval-samples must be 0 (all points) or {MIN_EVAL_SAMPLES:,} .. {n_points:,} (the points "
+                        f"of {args.dataset}; disentanglement_lib: 10,000), got {args.eval_samples:,}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED:,}, got {args.seed}")
     for flag in ("beta", "gamma"):
-        if not math.isfinite(getattr(args, flag)) or getattr(args, flag) < 0:
-            raise UserError(f"--{flag} must be a non-negative number, got {getattr(args, flag)}")
+        if not 0 <= getattr(args, flag) <= float(np.finfo(np.float32).max):
+            raise UserError(f"--{flag} must be a non-negative number a float32 holds (up to 3.4e38), got "
+                            f"{getattr(args, flag)}")
+    content_names(args)  # a misspelt content factor, refused before any folder is written
     if args.model in ADAPTIVE and args.group_size != 2:
         raise UserError(f"--group-size {args.group_size}: {args.model} learns from pairs; use --group-size 2")
     if args.model not in ADAPTIVE and args.pairs != "groups":
@@ -1781,6 +1944,9 @@ def build_runs(members, checkpoints=None, paths=None):
     a = members[0]
     device = resolve_device(a.device)
     data = load_dataset(a.dataset, a.data_dir, device, a.allow_subgrid)
+    if a.eval_samples > data.num_points:
+        raise UserError(f"--eval-samples {a.eval_samples:,} is more than the {data.num_points:,} points of "
+                        f"{data.name}; give 0 (every point) or fewer")
     names = a.content_factors if a.content_factors is not None else data.content_factors
     content_factors = resolve_factors(names, list(data.factor_names))
     runs = [Run(m, data, content_factors, device) for m in members]
@@ -1804,16 +1970,11 @@ def format_seconds(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train(members, sweep=False):
+def train(members, checkpoints, sweep=False):
     """Train a set of runs together (one: an ordinary run, unless sweep says it belongs to one), each into its own
-    folder (held by this process).
-    Returns (Sweep, the indices of the runs that trained to the end), or None when every run was finished before.
+    folder (held by this process and read by prepare_run(): checkpoints[i] is members[i]'s, None for step 0).
+    Returns (Sweep, the indices of the runs that trained to the end).
     Writes each run's config.json, log.csv and checkpoint.pt; a run whose loss goes NaN stops alone."""
-    checkpoints = [prepare_run(m) for m in members]
-    members = [m for m, c in zip(members, checkpoints) if c is not False]
-    checkpoints = [c for c in checkpoints if c is not False]
-    if not members:
-        return None
     a, S, sweep = members[0], len(members), sweep or len(members) > 1
     ckpt_paths = [Path(m.out) / "checkpoint.pt" for m in members]
     runs = Sweep(build_runs(members, checkpoints, ckpt_paths))
@@ -1845,6 +2006,7 @@ def train(members, sweep=False):
           + (f", {a.pairs} pairs (k {a.k})" if a.pairs != "groups" else ""),
           file=sys.stderr)
     last_step, last_time = runs.step, time.perf_counter()
+    first = runs.step + 1
     try:
         while runs.step < a.steps and not stop.requested and alive:
             log_sum += runs.train_step()
@@ -1852,12 +2014,12 @@ def train(members, sweep=False):
             step = runs.step
             at_log, at_ckpt = step % a.log_every == 0 or step == a.steps, step % a.checkpoint_every == 0
             at_eval = a.eval_every and step % a.eval_every == 0
-            if not (at_log or at_ckpt or at_eval):
+            if not (at_log or at_ckpt or at_eval or step == first):
                 continue
             means = (log_sum / max(log_count, 1)).tolist()  # the one host sync, every log / checkpoint / eval step
             now = time.perf_counter()
-            for k in alive:
-                runs.runs[k].train_seconds += now - last_time
+            for k in alive:  # in a sweep, each run counts its share of the time
+                runs.runs[k].train_seconds += (now - last_time) / len(alive)
             for k in list(alive):
                 if all(math.isfinite(v) for v in means[k]):
                     continue
@@ -1870,6 +2032,10 @@ def train(members, sweep=False):
                 print(f"{members[k].out}: {message}; the other runs go on", file=sys.stderr)
                 alive.remove(k)
             ms = 1000 * (now - last_time) / max(step - last_step, 1)
+            if step == first and not at_log and alive:  # a first sign of life, well before the first --log-every
+                print(progress_line(step, a.steps, names if not sweep else [f"{len(alive)}/{S} runs, loss (run 1)"],
+                                    means[alive[0]] if not sweep else means[alive[0]][:1], ms)
+                      + "  (first step: includes start-up)", file=sys.stderr)
             if at_log:
                 for k in alive:
                     logs[k].row(step, means[k], ms)
@@ -1891,7 +2057,7 @@ def train(members, sweep=False):
                     logs[k].scores_row(step, scores[0])
             last_step, last_time = step, time.perf_counter()
         for k in alive:
-            runs.runs[k].train_seconds += time.perf_counter() - last_time
+            runs.runs[k].train_seconds += (time.perf_counter() - last_time) / max(len(alive), 1)
         if stop.requested:
             for k in alive:
                 if torch.isfinite(log_sum[k]).all():
@@ -1906,33 +2072,61 @@ def train(members, sweep=False):
     return runs, alive
 
 
+ACTIVATION_BYTES = 2 * 2 ** 20  # per image of a batch: a generous bound on what a step's activations take
+
+
+def available_memory(device):
+    """Bytes free on `device` for new tensors (the CPU: MemAvailable), or None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo)[1]) * 1024
+    except (OSError, TypeError):
+        return None
+
+
+def check_memory(members):
+    """A sweep's memory, estimated from its weights (and their gradients and Adam's two moments, float32) and its
+    activations, against what the device has free: refused before anything is written when it cannot fit."""
+    a, device = members[0], resolve_device(members[0].device)
+    channels = 3 if a.dataset.startswith("shapes3d") else 1
+    with torch.device("meta"):  # shapes only, no memory
+        nets = [VAE(channels, a.latent_dim)] + [Discriminator(a.latent_dim)] * (a.model == "group_tcvae")
+    per_run = 16 * sum(p.numel() for n in nets for p in n.parameters()) + \
+        a.batch_size * a.group_size * ACTIVATION_BYTES
+    free = available_memory(device)
+    if free is not None and len(members) * per_run > free:
+        raise UserError(f"{len(members)} runs trained together need about {len(members) * per_run / 2 ** 20:,.0f} "
+                        f"MiB ({per_run / 2 ** 20:,.0f} MiB a run) and {device} has {free / 2 ** 20:,.0f} MiB free: "
+                        f"about {free // per_run} would fit; give fewer --seed, --beta, --gamma values at a time")
+
+
 def train_sweep(args, members):
-    """A sweep: its runs trained together, then each evaluated into its own folder. The sweep's folder holds
-    sweep.json (its flags: --resume on it continues every unfinished run) and a folder per run, each a run in its
-    own right (--resume, --eval-only, --summarize work on it alone). Runs that stand at different steps (one was
-    resumed alone, say) train in turn, each set together. Returns the exit status: 2 if a run's loss went NaN."""
+    """A sweep: its runs trained together, then each evaluated into its own folder, each a run in its own right
+    (--resume, --eval-only, --summarize work on it alone), named by its settings under the sweep's --out. Runs that
+    differ in more than seed, beta and gamma, or stand at different steps (one was resumed alone, say), train in
+    turn, each set together. Returns the exit status: 2 if a run's loss went NaN."""
     out = Path(args.out)
-    if not args.resume and (out / "sweep.json").exists():
-        raise UserError(f"--out {out} already holds a sweep; pass --resume to continue it, or choose another --out")
+    if is_run(out) or run_above(out) is not None:
+        raise UserError(f"--out {out} is a run's folder{' or inside one' if not is_run(out) else ''}; a sweep puts "
+                        "its runs in folders of their own under --out: choose a folder that holds no run")
     with contextlib.ExitStack() as held:
-        held.enter_context(RunFolderLock(out))
         for m in members:
             held.enter_context(RunFolderLock(m.out))
-        flags = public_args(args) | {"resume": False}
-        write_text_atomic(out / "sweep.json", json.dumps(flags, indent=2) + "\n")
-        steps = {}
-        for m in members:  # set apart by the step each stands at (what is finished or fresh is sorted by train())
-            ckpt = Path(m.out) / "checkpoint.pt"
-            steps.setdefault(load_checkpoint(ckpt)["step"] if args.resume and ckpt.exists() else 0, []).append(m)
+        prepared = [(m, prepare_run(m)) for m in members]
+        together = {}  # runs that agree on every other flag and stand at one step train as one set
+        for m, checkpoint in prepared:
+            if checkpoint is not False:
+                shape = {k: v for k, v in public_args(m).items() if k not in (*LIST_FLAGS, "out")}
+                key = (checkpoint["step"] if checkpoint else 0, json.dumps(shape, sort_keys=True, default=str))
+                together.setdefault(key, []).append((m, checkpoint))
         failed = 0
-        for step in sorted(steps):
-            trained = train(steps[step], sweep=True)
-            if trained is None:
-                continue
-            runs, alive = trained
+        for key in sorted(together):
+            runs, alive = train(*map(list, zip(*together[key])), sweep=True)
             failed += len(runs) - len(alive)
             for k in alive:
-                evaluate_and_plot(runs.runs[k], runs.runs[k].args.out, args.eval_samples)
+                evaluate_and_plot(runs.runs[k], runs.runs[k].args.out, runs.runs[k].args.eval_samples)
     if failed:
         print(f"{failed} of {len(members)} runs stopped on a NaN or infinite loss (see their train.log)",
               file=sys.stderr)
@@ -1977,6 +2171,9 @@ def evaluate(vae, data, content_factors, content_dims, n_samples=10_000, seed=0)
         classes = uniform_classes(data.factor_sizes, (n_samples,), gen)
     t0 = time.perf_counter()
     codes = encode_means(vae, data, classes)
+    if not np.isfinite(codes).all():
+        raise UserError("the encoder gives NaN or infinite codes (its weights hold NaN or infinite values); nothing "
+                        "was scored or written")
     mi, H = mutual_info_and_entropy(codes, classes.cpu().numpy())
     L = codes.shape[1]
     content_latents = list(range(L - content_dims, L))
@@ -2006,6 +2203,12 @@ def save_figure(fig, path, dpi):
         _plt().close(fig)
 
 
+def figure_title(m):
+    """A run's identity in a figure's title: model (and what sets it apart), data set, beta, gamma, seed, steps."""
+    return (f"{run_label(m)} on {m['dataset']}: beta {m['beta']:g}, gamma {m['gamma']:g}, seed {m['seed']}, "
+            f"{m['steps']:,} steps")
+
+
 def plot_mi_matrix(metrics, path):
     """Figure 3(a): I(z_i; v_k) / H(v_k), latent groups and factor groups marked, MIG and group-MIG in the title."""
     plt = _plt()
@@ -2026,8 +2229,8 @@ def plot_mi_matrix(metrics, path):
     ax.set_xticks(range(len(order)), [("c: " if names[k] in content else "\\c: ") + names[k] for k in order],
                   rotation=30, ha="right")
     ax.set_yticks(range(L), [f"z{i + 1} ({'c' if i >= n_s else chr(92) + 'c'})" for i in range(L)])
-    ax.set_title(f"{metrics['model']} on {metrics['dataset']}: normalised MI I(z;v)/H(v)\n"
-                 f"MIG {metrics['mig']:.3f}   group-MIG {metrics['group_mig']:.3f}", fontsize=10)
+    ax.set_title(f"{figure_title(metrics)}\nnormalised MI I(z;v)/H(v):   MIG {metrics['mig']:.3f}   group-MIG "
+                 f"{metrics['group_mig']:.3f}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     save_figure(fig, path, 110)
 
@@ -2052,7 +2255,7 @@ def _image_figure(picture, path, row_labels, title, rows, cols, dpi=100):
 
 
 @torch.no_grad()
-def plot_reconstructions(run, path, n_groups=8, seed=0):
+def plot_reconstructions(run, path, title="", n_groups=8, seed=0):
     """Figure 5(a, c): each row one group of observations (left) and their reconstructions from the encoder
     means (right)."""
     a, data = run.args, run.data
@@ -2070,11 +2273,12 @@ def plot_reconstructions(run, path, n_groups=8, seed=0):
     run.vae.train()
     G = a.group_size
     both = torch.cat([x.view(n_groups, G, *x.shape[1:]), rec.view(n_groups, G, *x.shape[1:])], 1)
-    _image_figure(tile(both), path, labels, f"{G} observations of a group | their reconstructions", n_groups, 2 * G)
+    _image_figure(tile(both), path, labels, f"{title}\n{G} observations of a group | their reconstructions",
+                  n_groups, 2 * G)
 
 
 @torch.no_grad()
-def plot_traversals(run, codes, path, n_steps=9, seed=0):
+def plot_traversals(run, codes, path, title="", n_steps=9, seed=0):
     """Figure 5(b, d): row i varies z_i alone from its 1st to its 99th percentile over the evaluated codes,
     the other dims held at one observation's code."""
     L = run.args.latent_dim
@@ -2087,23 +2291,26 @@ def plot_traversals(run, codes, path, n_steps=9, seed=0):
     run.vae.train()
     n_s = L - run.args.content_dims
     labels = [f"z{i + 1} ({'c' if i >= n_s else chr(92) + 'c'})" for i in range(L)]
-    _image_figure(tile(imgs), path, labels, "traversals: row i varies z_i (1st to 99th percentile)", L, n_steps)
+    _image_figure(tile(imgs), path, labels, f"{title}\ntraversals: row i varies z_i (1st to 99th percentile)",
+                  L, n_steps)
 
 
-def plot_training_curves(log_path, path, titles=None):
-    """One panel per column of a log (log.csv's terms, scores.csv's scores) against the step."""
+def plot_training_curves(log_path, path, titles=None, title=""):
+    """One panel per column of a log (log.csv's terms, scores.csv's scores) against the step (rows that are not
+    whole, as a crash may leave, are left out)."""
     plt = _plt()
-    rows = read_log(log_path)
+    rows = [r for r in read_log(log_path) if whole_row(r)]
     if not rows:
         return
     names = [n for n in rows[0] if n not in ("step", "ms_per_step")]
     steps = [int(r["step"]) for r in rows]
     fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names) + 0.6, 2.6), squeeze=False)
-    for ax, n, title in zip(axes[0], names, titles or names):
+    for ax, n, panel in zip(axes[0], names, titles or names):
         ax.plot(steps, [float(r[n]) for r in rows], lw=1.2, marker=".", ms=4)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(panel, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=9)
     save_figure(fig, path, 90)
 
 
@@ -2120,15 +2327,18 @@ def evaluate_and_plot(run, out, n_samples):
     metrics = scores | {"model": a.model, "dataset": a.dataset, "steps": run.step,
                         "train_seconds": round(run.train_seconds, 3), "beta": a.beta, "gamma": a.gamma,
                         "group_size": a.group_size, "tc_level": a.tc_level, "pairs": a.pairs, "k": a.k, "seed": a.seed,
+                        "batch_size": a.batch_size, "latent_dim": a.latent_dim, "content_dims": a.content_dims,
                         "torch_threads": run.threads}
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False) + "\n")
+    title = figure_title(metrics)
     plot_mi_matrix(metrics, out / "mi_matrix.png")
-    plot_reconstructions(run, out / "reconstructions.png", seed=a.seed)
-    plot_traversals(run, codes, out / "traversals.png", seed=a.seed)
+    plot_reconstructions(run, out / "reconstructions.png", title, seed=a.seed)
+    plot_traversals(run, codes, out / "traversals.png", title, seed=a.seed)
     if (out / "log.csv").exists():
-        plot_training_curves(out / "log.csv", out / "training_curves.png")
+        plot_training_curves(out / "log.csv", out / "training_curves.png", title=title)
     if (out / "scores.csv").exists():
-        plot_training_curves(out / "scores.csv", out / "scores.png", [SCORES[k] for k in SCORES])
+        plot_training_curves(out / "scores.csv", out / "scores.png", [SCORES[k] for k in SCORES], title)
+    # last: a run is finished once its metrics.json stands at its steps, so its figures are there by then
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False) + "\n")
     print("  ".join(f"{name} {scores[k]:.4f}" for k, name in SCORES.items()) + f"  -> {out}/metrics.json",
           file=sys.stderr)
     return metrics
@@ -2161,22 +2371,58 @@ def _model_order(model):
 
 
 def run_label(m):
-    """How a run is named in the table: its model, plus what sets it apart from the paper's main grid."""
+    """How a run is named in the table: its model, plus what sets it apart from the paper's main grid (m: a
+    metrics.json, or a config.json's flags)."""
     label = m["model"]
-    if m.get("group_size", 2) != 2:
-        label += f" (group size {m['group_size']})"
-    if m["model"] == "group_tcvae" and m.get("tc_level", "inter") != "inter":
-        label += f" (TC {m['tc_level']})"
-    if m.get("pairs", "groups") != "groups":
-        label += f" ({m['pairs']}, k {m.get('k', 'rnd')})"
+    latent, content = _dims(m)
+    default = DEFAULT_CONTENT.get(m["dataset"])
+    tc = m.get("tc_level", "inter")
+    for what, differs in ((f"group size {m.get('group_size')}", m.get("group_size", 2) != 2),
+                          (f"TC {tc}", m["model"] == "group_tcvae" and tc != "inter"),
+                          (f"{m.get('pairs')}, k {m.get('k', 'rnd')}", m.get("pairs", "groups") != "groups"),
+                          (f"batch {m.get('batch_size')}", m.get("batch_size", 32) != 32),
+                          (f"z {latent}, z_c {content}", (latent, content) != (10, 5)),
+                          (f"content {','.join(_content(m))}", default is not None and _content(m) != default)):
+        label += f" ({what})" if differs else ""
     return label
 
 
+def _dims(m):
+    """(latent dims, content dims) of a metrics.json (earlier ones: from the MI matrix) or a config's flags."""
+    if "latent_dim" in m:
+        return m["latent_dim"], m["content_dims"]
+    return len(m["mi_matrix"]), len(m["content_latents"])
+
+
+def _content(m):
+    """The content factors' names in the data set's order (a config's flags may leave them to the default)."""
+    names = DATASET_FACTORS.get(m["dataset"], m.get("factor_names", ()))
+    chosen = m.get("content_factors") or DEFAULT_CONTENT.get(m["dataset"], ())
+    chosen = chosen.split(",") if isinstance(chosen, str) else chosen
+    return tuple(n for n in names if n in {c.strip() for c in chosen})
+
+
+def setting(m):
+    """What one row of the summary pools: every run-defining flag but the seed, and the steps."""
+    return run_label(m), m["beta"], m["gamma"], m["steps"]
+
+
 def load_runs(runs_dir):
-    """Every metrics.json under runs_dir that has the structure evaluate() writes; others are skipped, with a line
-    that says why."""
-    runs = []
-    for path in sorted(Path(runs_dir).rglob("metrics.json")):
+    """Every run under runs_dir evaluated at its steps: its metrics.json, if it has the structure evaluate() writes
+    (others are skipped, with a line that says why); one run found in two folders is counted once, and runs not
+    evaluated at their --steps are left out, with a line each.
+    -> (runs, unfinished: the flags of the runs left out)."""
+    runs, unfinished, seen = [], [], {}
+    for folder in runs_below(runs_dir):
+        path, config = folder / "metrics.json", folder / "config.json"
+        try:
+            flags = DEFAULTS | json.loads(config.read_text()) if config.is_file() else None
+        except (OSError, ValueError, TypeError):
+            flags = None
+        if not path.exists():
+            if isinstance(flags, dict) and {"model", "dataset", "beta", "gamma", "steps"} <= set(flags):
+                unfinished.append(flags | {"path": str(folder)})
+            continue
         try:
             m = json.loads(path.read_text())
             mi = np.array(m["mi_matrix"], float)
@@ -2188,11 +2434,24 @@ def load_runs(runs_dir):
                 raise ValueError("its MI matrix, factors or scores do not agree")
             for key in ("model", "dataset", "beta", "gamma", "steps"):
                 m[key]  # noqa: B018 (present, or KeyError)
-            runs.append(m | {"path": str(path.parent)})
         except (OSError, ValueError, KeyError, TypeError) as error:
             print(f"skipping {path}: not a metrics.json of this program ({type(error).__name__}: {error})",
                   file=sys.stderr)
-    return runs
+            continue
+        m["path"] = str(folder)
+        if isinstance(flags, dict) and isinstance(flags.get("steps"), int) and m["steps"] < flags["steps"]:
+            print(f"leaving out {folder}: evaluated at step {m['steps']:,} of its {flags['steps']:,}",
+                  file=sys.stderr)
+            unfinished.append(flags | {"path": str(folder)})
+            continue
+        key = (setting(m), m.get("seed"))
+        if key in seen:
+            print(f"{folder} holds the same run as {seen[key]} (same settings, seed and steps): counted once",
+                  file=sys.stderr)
+            continue
+        seen[key] = folder
+        runs.append(m)
+    return runs, unfinished
 
 
 PER_FACTOR = {  # score -> (its gap per factor: (L, K) MI matrix, metrics -> (K,)), what the row means
@@ -2223,39 +2482,48 @@ def _stat(group, score, reduce):
     return f"{reduce(values):.3f}" if values else "-"
 
 
-def results_table(rs, dataset):
-    """results.md's section for one data set: per model, per setting (each seed), per factor."""
+def results_table(rs, dataset, unfinished=()):
+    """results.md's section for one data set: per model, per setting (each seed), per factor. A row pools only
+    runs that agree on every run-defining flag but the seed, and on their steps."""
     scores = [k for k in SCORES if any(k in m for m in rs)]
+    order = lambda key: (_model_order(key[0].split()[0]), key)  # noqa: E731
+    labels = sorted({(run_label(m), m["steps"]) for m in rs}, key=order)
     lines = [f"## {dataset}", "", "| model | runs | steps | " + " | ".join(
         f"{SCORES[k]} {s}" for k in scores for s in ("mean", "median", "best")) + " |",
         "|---|---|---|" + "---|" * 3 * len(scores)]
-    order = lambda label: (_model_order(label.split()[0]), label)  # noqa: E731
-    for label in sorted({run_label(m) for m in rs}, key=order):
-        group = [m for m in rs if run_label(m) == label]
-        steps = sorted({m["steps"] for m in group})
-        lines.append(f"| {label} | {len(group)} | {', '.join(f'{s:,}' for s in steps)} | " + " | ".join(
+    for label, steps in labels:
+        group = [m for m in rs if (run_label(m), m["steps"]) == (label, steps)]
+        lines.append(f"| {label} | {len(group)} | {steps:,} | " + " | ".join(
             _stat(group, k, f) for k in scores for f in (np.mean, np.median, np.max)) + " |")
     lines += ["", "Per setting (mean over seeds; then each seed's score, in seed order):", "",
-              "| model | beta | gamma | runs | " + " | ".join(f"{SCORES[k]} mean" for k in scores) + " | "
+              "| model | beta | gamma | steps | runs | " + " | ".join(f"{SCORES[k]} mean" for k in scores) + " | "
               + " | ".join(f"{SCORES[k]} per seed" for k in scores) + " |",
-              "|---|---|---|---|" + "---|" * 2 * len(scores)]
-    settings = sorted({(run_label(m), m["beta"], m["gamma"]) for m in rs}, key=lambda s: (order(s[0]), s[1:]))
-    by_setting = {key: sorted([m for m in rs if (run_label(m), m["beta"], m["gamma"]) == key],
-                              key=lambda m: m.get("seed", 0)) for key in settings}
-    for (label, beta, gamma), group in by_setting.items():
+              "|---|---|---|---|---|" + "---|" * 2 * len(scores)]
+    by_setting = {key: sorted([m for m in rs if setting(m) == key], key=lambda m: m.get("seed", 0))
+                  for key in sorted({setting(m) for m in rs}, key=order)}
+    for (label, beta, gamma, steps), group in by_setting.items():
         seeds = lambda k: ", ".join(f"{m[k]:.3f}" if k in m else "-" for m in group)  # noqa: E731
-        lines.append(f"| {label} | {beta:g} | {gamma:g} | {len(group)} | "
+        lines.append(f"| {label} | {beta:g} | {gamma:g} | {steps:,} | {len(group)} | "
                      + " | ".join(_stat(group, k, np.mean) for k in scores) + " | "
                      + " | ".join(seeds(k) for k in scores) + " |")
-    names, content = rs[0]["factor_names"], set(rs[0]["content_factors"])
+    waiting = collections.Counter(setting(u) for u in unfinished)
+    if waiting:
+        lines += ["", "Unfinished (not counted above): " + "; ".join(
+            f"{label}, beta {beta:g}, gamma {gamma:g}, {steps:,} steps: {n} run{'s' * (n > 1)}"
+            for (label, beta, gamma, steps), n in sorted(waiting.items(), key=lambda kv: order(kv[0]))) + "."]
+    names = rs[0]["factor_names"]
     for score in (k for k in scores if k in PER_FACTOR):
-        lines += ["", f"Per factor: {SCORES[score]} gap over H(v), mean over seeds (c: content factor, \\c: the "
-                  f"others). {PER_FACTOR[score][1]}", "",
-                  "| model | beta | gamma | " + " | ".join(("c: " if n in content else "\\c: ") + n for n in names)
-                  + " |", "|---|---|---|" + "---|" * len(names)]
-        for (label, beta, gamma), group in by_setting.items():
-            gaps = np.nanmean([factor_gaps(m, score) for m in group], axis=0)
-            lines.append(f"| {label} | {beta:g} | {gamma:g} | " + " | ".join(f"{g:.3f}" for g in gaps) + " |")
+        for split in sorted({_content(m) for m in rs}):  # one table per content split: its columns' marks
+            lines += ["", f"Per factor: {SCORES[score]} gap over H(v), mean over seeds (c: content factor, \\c: the "
+                      f"others). {PER_FACTOR[score][1]}", "",
+                      "| model | beta | gamma | steps | " + " | ".join(("c: " if n in split else "\\c: ") + n
+                                                                  for n in names) + " |",
+                      "|---|---|---|---|" + "---|" * len(names)]
+            for (label, beta, gamma, steps), group in by_setting.items():
+                if _content(group[0]) == split:
+                    gaps = np.nanmean([factor_gaps(m, score) for m in group], axis=0)
+                    lines.append(f"| {label} | {beta:g} | {gamma:g} | {steps:,} | "
+                                 + " | ".join(f"{g:.3f}" for g in gaps) + " |")
     return lines + [""]
 
 
@@ -2263,7 +2531,8 @@ def figure_4(rs, dataset, path):
     """Figure 4: the density of each score per model over the paper's main grid (pairs, TC inter); points alone
     for a model with fewer than 3 runs."""
     plt = _plt()
-    main_runs = [m for m in rs if run_label(m) == m["model"]]
+    main_runs = [m for m in rs if m.get("group_size", 2) == 2 and m.get("pairs", "groups") == "groups"
+                 and (m["model"] != "group_tcvae" or m.get("tc_level", "inter") == "inter")]
     scores = [k for k in sorted(SCORES, key=lambda k: k != "group_mig") if any(k in m for m in main_runs)]
     fig, axes = plt.subplots(1, max(len(scores), 1), figsize=(4.5 * max(len(scores), 1), 3.6), squeeze=False)
     left_out = len(rs) - len(main_runs)
@@ -2289,8 +2558,10 @@ def figure_4(rs, dataset, path):
 def figure_3b(rs, dataset, path):
     """Figure 3(b): group-MIG of the content and of the non-content factors, over the baselines' runs of pairs."""
     plt = _plt()
-    main_runs = [m for m in rs if run_label(m) == m["model"] and m["model"] in MODELS
-                 and MODELS[m["model"]].baseline]
+    main_runs = [m for m in rs if m["model"] in MODELS and MODELS[m["model"]].baseline
+                 and m.get("group_size", 2) == 2 and m.get("pairs", "groups") == "groups"]
+    if not main_runs:
+        return  # no baseline's runs of pairs: no figure (rather than an empty one)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     positions, ticks = 0, []
     for model in sorted({m["model"] for m in main_runs}, key=_model_order):
@@ -2317,6 +2588,8 @@ def figure_3c(rs, dataset, path):
     plt = _plt()
     base = [m for m in rs if m["model"] in MODELS and MODELS[m["model"]].baseline and "mig" in m
             and m.get("pairs", "groups") == "groups"]
+    if not base:
+        return
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     shown = set()
     for model in sorted({m["model"] for m in base}, key=_model_order):
@@ -2345,7 +2618,7 @@ def figure_scores(rs, dataset, path):
     """Scores over training (--eval-every): per setting, the mean over seeds (thick) and each seed (thin)."""
     logs = {m["path"]: read_log(Path(m["path"]) / "scores.csv") for m in rs
             if (Path(m["path"]) / "scores.csv").exists()}
-    settings = sorted({(run_label(m), m["beta"], m["gamma"]) for m in rs if m["path"] in logs},
+    settings = sorted({setting(m) for m in rs if m["path"] in logs},
                       key=lambda s: (_model_order(s[0].split()[0]), s))
     if not settings:
         return
@@ -2353,15 +2626,15 @@ def figure_scores(rs, dataset, path):
     fig, axes = plt.subplots(1, len(SCORES), figsize=(5 * len(SCORES), 3.8), squeeze=False)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes[0], SCORES.items()):
-        for j, setting in enumerate(settings):
+        for j, row in enumerate(settings):
             color = cycle[j % len(cycle)]
             curves = [{int(r["step"]): float(r[key]) for r in logs[m["path"]] if r.get(key)}
-                      for m in rs if m["path"] in logs and (run_label(m), m["beta"], m["gamma"]) == setting]
+                      for m in rs if m["path"] in logs and setting(m) == row]
             for c in curves:
                 ax.plot(sorted(c), [c[t] for t in sorted(c)], color=color, lw=0.6, alpha=0.5)
             common = sorted(set.intersection(*(set(c) for c in curves)))
             ax.plot(common, [np.mean([c[t] for c in curves]) for t in common], color=color, lw=2, marker=".",
-                    label=f"{setting[0]} beta {setting[1]:g}" + (f" gamma {setting[2]:g}" if setting[2] else "")
+                    label=f"{row[0]} beta {row[1]:g}" + (f" gamma {row[2]:g}" if row[2] else "")
                     + f" (n={len(curves)})")
         ax.set_title(f"{title} over training, {dataset}\n(per setting: mean over seeds; thin: each seed)", fontsize=9)
         ax.set_xlabel("step")
@@ -2372,14 +2645,18 @@ def figure_scores(rs, dataset, path):
 def summarize(runs_dir):
     """Figures 4, 3(b), 3(c) per data set and results.md, from every metrics.json under runs_dir."""
     runs_dir = Path(runs_dir)
-    runs = load_runs(runs_dir)
+    runs, unfinished = load_runs(runs_dir)
     if not runs:
-        raise UserError(f"--summarize: no metrics.json under {runs_dir}; point it at a folder of finished runs")
-    lines = [f"# Results: {len(runs)} runs under {runs_dir}", "",
+        raise UserError(f"--summarize: no finished run under {runs_dir} (no metrics.json at its --steps); point it "
+                        "at a folder of finished runs")
+    lines = [f"# Results: {len(runs)} runs under {runs_dir}" + (f" ({len(unfinished)} more unfinished)"
+                                                                  if unfinished else ""), "",
              "MIG and group-MIG: disentanglement_lib's discrete estimator (20 bins, encoder means).", ""]
     for dataset in sorted({m["dataset"] for m in runs}):
         rs = [m for m in runs if m["dataset"] == dataset]
-        lines += results_table(rs, dataset)
+        lines += results_table(rs, dataset, [u for u in unfinished if u["dataset"] == dataset])
+        for kind in ("figure4", "figure3b", "figure3c", "scores"):  # an earlier summary's: written anew, or none
+            (runs_dir / f"{kind}_{dataset}.png").unlink(missing_ok=True)
         figure_4(rs, dataset, runs_dir / f"figure4_{dataset}.png")
         figure_3b(rs, dataset, runs_dir / f"figure3b_{dataset}.png")
         figure_3c(rs, dataset, runs_dir / f"figure3c_{dataset}.png")
@@ -2406,16 +2683,20 @@ def main(argv=None):
         if args.eval_only and not (Path(args.out) / "checkpoint.pt").is_file():
             raise UserError(f"--eval-only: no checkpoint.pt in {args.out}; give --out the folder of a trained run")
         check_out_folder(args.out)
+        if not args.sweep:
+            check_run_folder(args.out)
         try:
             if args.sweep:
+                check_memory(members)
                 return train_sweep(args, members)
             with RunFolderLock(args.out):  # one process writes a run folder at a time
                 if args.eval_only:
                     eval_only(members[0])
                     return 0
-                trained = train(members)
-                if trained is not None:
-                    evaluate_and_plot(trained[0].runs[0], args.out, members[0].eval_samples)
+                checkpoint = prepare_run(members[0])
+                if checkpoint is not False:
+                    runs, _ = train(members, [checkpoint])
+                    evaluate_and_plot(runs.runs[0], args.out, members[0].eval_samples)
             return 0
         except KeyboardInterrupt:
             print(f"\ninterrupted; the files in {args.out} are whole (each is written at once or not at all). "

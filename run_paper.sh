@@ -40,11 +40,13 @@
 #     LOG_EVERY=250 CHECKPOINT_EVERY=500 RUNS_DIR=runs/cpu_study bash run_paper.sh   # part of a grid: the Ada runs
 #   SWEEP_SIZE=32 sbatch --array=0-29%8 --gres=gpu:1 run_paper.sh  # SLURM: task i runs entry i of DRY_RUN's list
 #   python grouptc.py --summarize runs/paper           # ... then the summary, once every task has finished
-# Finished runs (metrics.json present) are skipped; interrupted ones resume from their checkpoint (a sweep whose
-# runs are all finished is skipped; otherwise it continues its unfinished runs). Each run folder
+# Every run has one folder, RUNS_DIR/DATASET/NAME, NAME its settings (however runs are packed into processes).
+# Finished runs (evaluated at STEPS: their metrics.json says so) are skipped; interrupted ones resume from their
+# checkpoint (a process resumes its runs that have one and starts the others). Each run folder
 # is held by the process training it (an OS lock that dies with the process), so several run_paper.sh, on one
 # machine or on several sharing RUNS_DIR, never train the same run twice; the summary is written by the last one
-# to see every run finished. Under SLURM, submit from the repository's folder with the same overrides set.
+# to see every run finished. Each process's output goes to RUNS_DIR/logs/. Under SLURM, submit from the
+# repository's folder with the same overrides set.
 set -euo pipefail
 if [ -n "${SLURM_SUBMIT_DIR:-}" ] && [ -f "$SLURM_SUBMIT_DIR/grouptc.py" ]; then
   cd "$SLURM_SUBMIT_DIR"  # sbatch runs a copy of this script from its spool folder
@@ -106,7 +108,7 @@ for v in DATASETS SEEDS TCVAE_BETAS TCVAE_GAMMAS BASE_BETAS MLVAE_BETAS GVAE_BET
   eval "n=\${#$v[@]}"
   [ "$n" -gt 0 ] || die "$v is set but empty; unset it for the paper's values, or list some"
 done
-for v in STEPS BATCH_SIZE JOBS LOG_EVERY CHECKPOINT_EVERY SWEEP_SIZE; do
+for v in STEPS BATCH_SIZE JOBS LOG_EVERY CHECKPOINT_EVERY SWEEP_SIZE MIB_PER_RUN; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, got '${!v}'"
 done
 [[ -z ${OMP_NUM_THREADS:-} || $OMP_NUM_THREADS =~ ^[1-9][0-9]*$ ]] ||
@@ -153,42 +155,52 @@ content_factors() {
 }
 for d in "${DATASETS[@]}"; do content_factors "$d" >/dev/null; done
 
-# Numbers as the program prints them in folder names (10.0 -> 10), so that finished runs are recognised.
-for v in TCVAE_BETAS TCVAE_GAMMAS MLVAE_BETAS GVAE_BETAS ADA_BETAS; do eval "$v=(\$(printf '%g ' \"\${$v[@]}\"))"; done
-ABLATION_BETA=$(printf '%g' "$ABLATION_BETA"); ABLATION_GAMMA=$(printf '%g' "$ABLATION_GAMMA")
+# Numbers exactly as the program writes them in a run's folder name (10.0 -> 10, 0.1000001 stays), so that
+# finished runs are recognised whatever the packing.
+exact() { "$PYTHON" -c 'import sys
+print(" ".join(t[:-2] if t.endswith(".0") else t for t in (repr(float(v)) for v in sys.argv[1:])))' "$@"; }
+for v in BASE_BETAS TCVAE_BETAS TCVAE_GAMMAS MLVAE_BETAS GVAE_BETAS ADA_BETAS; do
+  eval "$v=(\$(exact \"\${$v[@]}\"))"
+done
+ABLATION_BETA=$(exact "$ABLATION_BETA"); ABLATION_GAMMA=$(exact "$ABLATION_GAMMA")
 TCVAE_SETTINGS=($(for bg in "${TCVAE_SETTINGS[@]:+${TCVAE_SETTINGS[@]}}"; do
-  printf '%g:%g ' "${bg%%:*}" "${bg##*:}"; done))
+  echo "$(exact "${bg%%:*}"):$(exact "${bg##*:}")"; done))
+for v in DATASETS SEEDS BASE_BETAS TCVAE_BETAS TCVAE_GAMMAS TCVAE_SETTINGS MLVAE_BETAS GVAE_BETAS ADA_MODELS \
+  ADA_BETAS PAIRS ONLY_MODELS GROUP_SIZES TC_LEVELS; do  # a value twice would name one run twice
+  eval "dup=\$(printf '%s\\n' \"\${$v[@]:+\${$v[@]}}\" | sort | uniq -d | head -n 1)"
+  [ -z "$dup" ] || die "$v lists '$dup' twice (numbers compared exactly); list each value once"
+done
+SEEDS=($(exact "${SEEDS[@]}"))  # 007 -> 7, as the program reads it
 
 CMDS=()     # one command per process: a run, or a sweep of runs trained together
-OUTS=()     # its folder (a run's, or the sweep's), where its stdout.log goes
+LOGS=()     # where its output goes
 MEMBERS=()  # the run folders it trains, to tell when it is finished
 LISTED=" "  # every run listed so far, as DATASET/NAME
+# Every run is at RUNS_DIR/DATASET/NAME, NAME its settings as the program names a sweep's run (run_name()): the
+# same folder however runs are packed into processes, so that changing SWEEP_SIZE, GPUS or JOBS never trains a
+# finished run again. A sweep's process gets --out RUNS_DIR/DATASET and puts each of its runs there.
 add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" PAIRS: one process for their product
   local d=$1 m=$2 gs=$3 tc=$4 betas=$5 gammas=$6 seeds=$7 pairs=$8 b g s name names=() fresh=0 out members=""
-  local kind=""  # as the program names a run on k-factor pairs
+  local kind="" bs=""  # as the program names a run on k-factor pairs, or at another batch size
   [ "$pairs" = groups ] || kind="_pairs-${pairs}-k${K}"
+  [ "$BATCH_SIZE" = 32 ] || bs="_bs${BATCH_SIZE}"
   [[ " ${ONLY_MODELS[*]} " == *" $m "* ]] || return 0
   for s in $seeds; do for b in $betas; do for g in $gammas; do
-    name="${m}_beta${b}_gamma${g}_gs${gs}_tc-${tc}${kind}_seed${s}"
+    name="${m}_${d}_beta${b}_gamma${g}_gs${gs}_tc-${tc}${kind}${bs}_seed${s}"
     [[ $LISTED == *" $d/$name "* ]] || fresh=1
     LISTED+="$d/$name "
     names+=("$name")
+    members+="$RUNS_DIR/$d/$name "
   done; done; done
   [ "$fresh" = 1 ] || return 0  # every run of it is listed already
-  if [ ${#names[@]} -eq 1 ]; then
-    out="$RUNS_DIR/$d/${names[0]}"
-    members=$out
-  else
-    out="$RUNS_DIR/$d/sweep_${m}_gs${gs}_tc-${tc}${kind}_beta${betas// /-}_gamma${gammas// /-}_seed${seeds// /-}"
-    for name in "${names[@]}"; do members+="$out/$name "; done
-  fi
-  OUTS+=("$out")
+  if [ ${#names[@]} -eq 1 ]; then out="$RUNS_DIR/$d/${names[0]}"; else out="$RUNS_DIR/$d"; fi
+  LOGS+=("$RUNS_DIR/logs/${names[0]}$([ ${#names[@]} -eq 1 ] || echo "+$(( ${#names[@]} - 1 ))").log")
   MEMBERS+=("$members")
   CMDS+=("$PYTHON grouptc.py --model $m --dataset $d --data-dir $DATA_DIR --steps $STEPS --batch-size $BATCH_SIZE \
 --group-size $gs --beta ${betas// /,} --gamma ${gammas// /,} --tc-level $tc --content-factors $(content_factors "$d") \
 --latent-dim 10 --content-dims 5 --seed ${seeds// /,} --device $DEVICE --eval-samples $EVAL_SAMPLES \
 --pairs $pairs ${kind:+--k $K }--eval-every $EVAL_EVERY --log-every $LOG_EVERY --checkpoint-every $CHECKPOINT_EVERY \
---out $out --resume")
+--out $out")
 }
 emit() {  # emit DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" [PAIRS]: their runs, at most SWEEP_SIZE
   local betas=($5) gammas=($6) seeds=($7) pairs=${8:-groups} i j k s b  # a process
@@ -241,21 +253,22 @@ if [ -n "${COUNT:-}" ]; then
   exit 0
 fi
 
-finished() {  # finished INDEX: every run of entry INDEX has its metrics.json
+finished() {  # finished INDEX: every run of entry INDEX evaluated at STEPS (its metrics.json says so)
   local m
-  for m in ${MEMBERS[$1]}; do [ -f "$m/metrics.json" ] || return 1; done
+  for m in ${MEMBERS[$1]}; do grep -Eqs "^ *\"steps\": $STEPS,?\$" "$m/metrics.json" || return 1; done
 }
 
 run_entry() {  # run_entry INDEX ENV_PREFIX: run entry INDEX unless it is finished or another process holds it
-  local out=${OUTS[$1]} rc=0
+  local log=${LOGS[$1]} rc=0 m resume=""
   finished "$1" && return 0
-  mkdir -p "$out"
-  echo "[$(date +%H:%M:%S)] start $out" >&2
-  env $2 bash -c "${CMDS[$1]}" >>"$out/stdout.log" 2>&1 || rc=$?
+  for m in ${MEMBERS[$1]}; do [ -e "$m/config.json" ] || [ -e "$m/checkpoint.pt" ] && resume=" --resume"; done
+  mkdir -p "$(dirname "$log")"
+  echo "[$(date +%H:%M:%S)] start $log" >&2
+  env $2 bash -c "${CMDS[$1]}$resume" >>"$log" 2>&1 || rc=$?
   case $rc in
-    0) echo "[$(date +%H:%M:%S)] done  $out" >&2 ;;
-    3) echo "[$(date +%H:%M:%S)] skip  $out (another process is training it)" >&2 ;;
-    *) echo "[$(date +%H:%M:%S)] FAILED $out (see $out/stdout.log)" >&2 ;;
+    0) echo "[$(date +%H:%M:%S)] done  $log" >&2 ;;
+    3) echo "[$(date +%H:%M:%S)] skip  $log (another process is training it)" >&2 ;;
+    *) echo "[$(date +%H:%M:%S)] FAILED $log (see it)" >&2 ;;
   esac
   return $rc
 }

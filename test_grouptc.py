@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -765,8 +766,9 @@ def test_a_tiny_grid_runs_through_run_paper_and_the_summary(tmp_path):
     for name in ("figure4", "figure3b", "figure3c"):
         assert (tmp_path / "runs" / f"{name}_dsprites_procedural.png").stat().st_size > 5_000
     table = (tmp_path / "runs" / "results.md").read_text()
-    assert "| group_tcvae | 1 |" in table and "| mlvae (group size 3) | 1 |" in table
-    assert "| group_tcvae (TC full) | 1 |" in table and "| ada_gvae (k_factors, k rnd) | 1 |" in table
+    assert "| group_tcvae (batch 4) | 1 |" in table and "| mlvae (group size 3) (batch 4) | 1 |" in table
+    assert "| group_tcvae (TC full) (batch 4) | 1 |" in table
+    assert "| ada_gvae (k_factors, k rnd) (batch 4) | 1 |" in table
     again = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "start" not in again.stderr  # finished runs are skipped
 
@@ -780,12 +782,20 @@ def test_run_paper_packs_runs_into_sweeps_and_skips_finished_ones(tmp_path):
     done = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "6 runs in 3 processes" in done.stderr
-    sweeps = sorted((tmp_path / "runs" / "dsprites_procedural").iterdir())
-    assert [len(list(s.glob("*/metrics.json"))) for s in sweeps] == [2, 2, 2]
-    assert all((s / "sweep.json").exists() for s in sweeps)
-    assert "| group_tcvae | 10 | 1 | 2 |" in (tmp_path / "runs" / "results.md").read_text()
-    again = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env, capture_output=True, text=True)
-    assert again.returncode == 0 and "start" not in again.stderr  # finished sweeps are skipped
+    runs = sorted((tmp_path / "runs" / "dsprites_procedural").iterdir())
+    assert len(runs) == 6 and all((r / "metrics.json").exists() for r in runs)  # each at DATASET/NAME
+    assert "| group_tcvae (batch 4) | 10 | 1 | 2 | 2 |" in (tmp_path / "runs" / "results.md").read_text()
+    before = {r.name: (r / "metrics.json").read_bytes() for r in runs}
+    for packing in ({"SWEEP_SIZE": "1"}, {"SWEEP_SIZE": "2", "JOBS": "2"}):  # another packing: nothing to train
+        again = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env | packing, capture_output=True, text=True)
+        assert again.returncode == 0 and "start" not in again.stderr, again.stderr[-2000:]
+    grown = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env | {"SEEDS": "0 1 2"}, capture_output=True,
+                           text=True, timeout=600)  # a seed more: its runs train, the others are left as they are
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    runs = sorted((tmp_path / "runs" / "dsprites_procedural").iterdir())
+    assert len(runs) == 9 and {r.name: (r / "metrics.json").read_bytes() for r in runs if r.name in before} == before
+    table = (tmp_path / "runs" / "results.md").read_text()
+    assert "# Results: 9 runs" in table and "| group_tcvae (batch 4) | 10 | 1 | 2 | 3 |" in table
 
 
 def test_summary_of_an_empty_folder_is_a_clear_error(tmp_path, capsys):
@@ -889,7 +899,7 @@ def test_two_run_paper_sh_on_one_runs_dir_never_train_a_run_twice(tmp_path):
                                      text=True)  # noqa: E731
     first = start()
     deadline = time.time() + 120  # the second starts once the first is training its first run
-    while not any("training " in p.read_text() for p in (tmp_path / "runs").rglob("stdout.log")):
+    while not any("training " in p.read_text() for p in (tmp_path / "runs").rglob("*.log")):
         assert time.time() < deadline and first.poll() is None
         time.sleep(0.2)
     second = start()
@@ -897,7 +907,8 @@ def test_two_run_paper_sh_on_one_runs_dir_never_train_a_run_twice(tmp_path):
     runs = sorted((tmp_path / "runs" / "dsprites_procedural").iterdir())
     assert len(runs) == 3
     for run in runs:
-        assert (run / "stdout.log").read_text().count("training ") == 1, run  # trained by one process only
+        log = tmp_path / "runs" / "logs" / f"{run.name}.log"  # the output of the processes that ran it
+        assert log.read_text().count("training ") == 1, run  # trained by one process only
         assert [r["step"] for r in gt.read_log(run / "log.csv")] == ["100", "200"]  # no interleaved rows
     assert "another process is training it" in errs[1]
     assert (tmp_path / "runs" / "results.md").exists()  # the last to see every run done summarises
@@ -930,7 +941,7 @@ def test_eval_only_never_replaces_good_metrics_with_nan(tmp_path, monkeypatch, c
     assert gt.main(["--model", "gvae", "--out", str(out), *BASE]) == 0
     good = (out / "metrics.json").read_bytes()
     assert gt.main(["--eval-only", "--out", str(out), "--eval-samples", "1"]) == 2
-    assert "--eval-samples must be 0 (all points) or at least 2" in capsys.readouterr().err
+    assert "--eval-samples must be 0 (all points) or 100 .. 737,280" in capsys.readouterr().err
     original = gt.evaluate
     monkeypatch.setattr(gt, "evaluate", lambda *a: (original(*a)[0] | {"mig": float("nan")}, original(*a)[1]))
     assert gt.main(["--eval-only", "--out", str(out), "--eval-samples", "500"]) == 2
@@ -988,7 +999,7 @@ def test_official_files_must_hold_the_official_grid_and_pixels(tmp_path, capsys)
     with pytest.raises(gt.UserError, match="0 or 1, found values up to 255"):
         gt.load_dataset("dsprites", tmp_path, allow_subgrid=True)
     write_dsprites_npz(tmp_path / gt.DSPRITES_NPZ, imgs, classes)
-    argv = ["--dataset", "dsprites", "--data-dir", str(tmp_path), "--model", "gvae", *TINY, "--eval-samples", "50"]
+    argv = ["--dataset", "dsprites", "--data-dir", str(tmp_path), "--model", "gvae", *TINY, "--eval-samples", "0"]
     assert gt.main([*argv, "--out", str(tmp_path / "a")]) == 2
     assert "--allow-subgrid" in capsys.readouterr().err
     assert gt.main([*argv, "--out", str(tmp_path / "b"), "--allow-subgrid"]) == 0
@@ -1072,7 +1083,7 @@ def test_summary_skips_metrics_of_the_wrong_structure(tmp_path, capsys):
     assert gt.main(["--summarize", str(tmp_path / "runs")]) == 0
     err = capsys.readouterr().err
     assert err.count("skipping") == 3 and "Traceback" not in err
-    assert "| gvae | 1 |" in (tmp_path / "runs" / "results.md").read_text()
+    assert "| gvae (batch 4) | 1 |" in (tmp_path / "runs" / "results.md").read_text()
 
 
 def test_retyping_the_default_content_factors_on_resume_is_accepted(tmp_path, capsys):
@@ -1199,11 +1210,12 @@ def test_a_sweep_member_is_the_same_run_as_alone(tmp_path, monkeypatch, model, t
     argv = ["--model", model, "--tc-level", tc_level, *pairs, *BASE, *short]
     assert gt.main([*argv, "--seed", "0,3", "--beta", "2,9", "--out", str(tmp_path / "sweep")]) == 0
     members = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    name = f"{model}_beta9_gamma{8 if model == 'group_tcvae' else 0}_gs2_tc-{tc_level}"
-    assert len(members) == 4 and name + ("_pairs-k_factors-krnd" if pairs else "") + "_seed3" in members
+    name = f"{model}_dsprites_procedural_beta9_gamma{8 if model == 'group_tcvae' else 0}_gs2_tc-{tc_level}"
+    assert len(members) == 4 and name + ("_pairs-k_factors-krnd" if pairs else "") + "_bs4_seed3" in members
     alone = tmp_path / "alone"
     assert gt.main([*argv, "--seed", "3", "--beta", "9", "--out", str(alone)]) == 0
-    member = tmp_path / "sweep" / [m for m in members if m.startswith(f"{model}_beta9_") and m.endswith("seed3")][0]
+    member = tmp_path / "sweep" / next(m for m in members if m.startswith(f"{model}_dsprites_procedural_beta9_")
+                                       and m.endswith("seed3"))
     assert_logs_close(without_time(gt.read_log(member / "log.csv")), without_time(gt.read_log(alone / "log.csv")))
     ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (member, alone))
     assert np.allclose(ma["mi_matrix"], mb["mi_matrix"], atol=2e-3)
@@ -1217,7 +1229,7 @@ def test_a_sweep_member_is_a_run_in_its_own_right(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     argv = ["--model", "gvae", *BASE, "--seed", "0,1", "--out", str(sweep)]
     assert gt.main(argv) == 0
-    member = sweep / "gvae_beta1_gamma0_gs2_tc-inter_seed1"
+    member = sweep / "gvae_dsprites_procedural_beta1_gamma0_gs2_tc-inter_bs4_seed1"
     checkpoint = torch.load(member / "checkpoint.pt", weights_only=True)
     alone = tmp_path / "alone"
     assert gt.main(["--model", "gvae", *BASE, "--seed", "1", "--out", str(alone)]) == 0
@@ -1229,9 +1241,10 @@ def test_a_sweep_member_is_a_run_in_its_own_right(tmp_path, capsys):
     assert json.loads((member / "metrics.json").read_text())["eval_samples"] == 400
     assert gt.main(["--resume", "--out", str(member), "--steps", "9"]) == 0  # continued alone
     assert [r["step"] for r in gt.read_log(member / "log.csv")] == ["3", "6", "9"]
-    assert gt.main(argv) == 2 and "already holds a sweep" in capsys.readouterr().err
+    assert gt.main(argv) == 2 and "already holds a run" in capsys.readouterr().err
     assert gt.main(["--summarize", str(sweep)]) == 0
-    assert "| gvae | 1 | 0 | 2 |" in (sweep / "results.md").read_text()
+    table = (sweep / "results.md").read_text()  # seed 1 now stands at 9 steps: a row of its own
+    assert "| gvae (batch 4) | 1 | 0 | 6 | 1 |" in table and "| gvae (batch 4) | 1 | 0 | 9 | 1 |" in table
 
 
 def test_a_sweep_resumes_as_if_never_interrupted(tmp_path):
@@ -1261,7 +1274,7 @@ def test_a_sweep_resumes_in_the_other_layout(tmp_path, monkeypatch, first, then)
     monkeypatch.setattr(gt.Sweep, "BATCHED", then)
     assert gt.main(["--resume", "--out", str(tmp_path / "b")]) == 0
     for seed in (0, 1):
-        name = f"group_tcvae_beta10_gamma8_gs2_tc-inter_seed{seed}"
+        name = f"group_tcvae_dsprites_procedural_beta10_gamma8_gs2_tc-inter_bs4_seed{seed}"
         a, b = (gt.read_log(tmp_path / r / name / "log.csv") for r in "ab")
         assert [r["step"] for r in b] == ["2", "4", "6", "8"]
         assert_logs_close(without_time(a), without_time(b))
@@ -1285,7 +1298,7 @@ def test_a_run_whose_loss_goes_nan_stops_alone(tmp_path, monkeypatch, capsys):
                     "--beta", "1,3", "--out", str(sweep)])
     assert code == 2
     err = capsys.readouterr().err
-    bad, good = sweep / "gvae_beta3_gamma0_gs2_tc-inter_seed0", sweep / "gvae_beta1_gamma0_gs2_tc-inter_seed0"
+    bad, good = (sweep / f"gvae_dsprites_procedural_beta{b}_gamma0_gs2_tc-inter_bs4_seed0" for b in (3, 1))
     assert f"{bad}: the loss became NaN" in err and "the other runs go on" in err
     assert torch.load(bad / "checkpoint.pt", weights_only=True)["step"] == 4  # its last good checkpoint
     assert "NaN or infinite" in (bad / "train.log").read_text() and not (bad / "metrics.json").exists()
@@ -1335,8 +1348,238 @@ def test_summary_reports_each_factors_gaps(tmp_path):
         section = table[table.index(title):]
         row = next(line for line in section.splitlines() if line.startswith("| gvae | 4 | 0 |"))
         expected = [np.mean([gap(mi, k) for mi in mis]) for k in range(5)]
-        assert [float(v) for v in row.split("|")[4:9]] == pytest.approx(expected, abs=6e-4)
-    assert "| gvae | 4 | 0 | 2 | 0.100 | 0.200 | 0.100, 0.100 | 0.200, 0.200 |" in table
+        assert [float(v) for v in row.split("|")[5:10]] == pytest.approx(expected, abs=6e-4)
+    assert "| gvae | 4 | 0 | 10 | 2 | 0.100 | 0.200 | 0.100, 0.100 | 0.200, 0.200 |" in table
+
+
+# ------------------------------------------------------------------------------------- one run, one folder (#19)
+def fake_run(folder, **flags):
+    """A folder that holds a run's config.json (no training): what the folder checks look at."""
+    folder.mkdir(parents=True)
+    config = gt.DEFAULTS | {"model": "gvae", "dataset": "dsprites_procedural", "beta": 1.0, "gamma": 0.0,
+                            "seed": 0, "out": str(folder)} | flags
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_run_name_is_every_run_defining_flag_exactly():
+    base = gt.expand(gt.parse_args(["--model", "gvae", "--dataset", "dsprites_procedural", "--device", "cpu"]))[0]
+    name = lambda **kw: gt.run_name(argparse.Namespace(**(vars(base) | kw)))  # noqa: E731
+    assert name() == "gvae_dsprites_procedural_beta1_gamma0_gs2_tc-inter_seed0"
+    assert name(beta=0.1) != name(beta=0.1000001) and name(beta=0.1) == name(beta=float("0.10"))
+    variants = [{"model": "mlvae"}, {"dataset": "shapes3d_procedural", "content_factors": None}, {"beta": 2.0},
+                {"gamma": 1.0}, {"group_size": 3}, {"tc_level": "full"}, {"batch_size": 64}, {"latent_dim": 12},
+                {"content_dims": 4}, {"content_factors": "shape,scale"}, {"seed": 1}, {"pairs": "k_factors"},
+                {"pairs": "k_factors", "k": 2}]
+    names = [name(**v) for v in variants]
+    assert len(set(names + [name()])) == len(variants) + 1  # no two settings share a name
+    assert name(content_factors="orientation,shape,scale") == name()  # the default split, typed in another order
+    assert name(k=3) == name()  # k means nothing on group pairs
+    assert all(gt.looks_like_run_name(n) for n in names) and not gt.looks_like_run_name("gvae-dsprites-seed0")
+
+
+def test_a_folder_is_a_run_or_a_parent_of_runs_never_both(tmp_path, capsys):
+    run = fake_run(tmp_path / "run")
+    sweep = ["--model", "gvae", *BASE, "--seed", "0,1"]
+    assert gt.main([*sweep, "--out", str(run)]) == 2  # a sweep into a run's folder
+    assert "is a run's folder" in capsys.readouterr().err
+    assert gt.main([*sweep, "--out", str(run / "inner")]) == 2 and not (run / "inner").exists()  # inside a run
+    assert "inside one" in capsys.readouterr().err
+    parent = tmp_path / "parent"
+    fake_run(parent / "gvae_dsprites_procedural_beta1_gamma0_gs2_tc-inter_bs4_seed0", batch_size=4)
+    for argv in (["--model", "gvae", *BASE], ["--resume", "--model", "gvae", *BASE]):  # a run into a sweep's folder
+        assert gt.main([*argv, "--out", str(parent)]) == 2
+        assert "holds runs in folders below it" in capsys.readouterr().err
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(run / "sub")]) == 2  # a run inside a run
+    assert "inside the run folder" in capsys.readouterr().err and not (run / "sub").exists()
+    assert sorted(p.name for p in parent.iterdir()) == ["gvae_dsprites_procedural_beta1_gamma0_gs2_tc-inter_bs4_seed0"]
+    assert not (parent / "config.json").exists() and not (run / "checkpoint.pt").exists()
+
+
+def test_resume_on_a_parent_continues_the_runs_there_and_refuses_what_names_none(tmp_path, capsys):
+    argv = ["--model", "gvae", "--dataset", "dsprites_procedural", "--steps", "8", "--batch-size", "4",
+            "--log-every", "2", "--checkpoint-every", "100", "--eval-samples", "200", "--device", "cpu"]
+    sweep = tmp_path / "sweep"
+    assert run_main_interrupted_at(4, [*argv, "--seed", "0,1", "--out", str(sweep)]) == 130
+    members = {s: sweep / f"gvae_dsprites_procedural_beta1_gamma0_gs2_tc-inter_bs4_seed{s}" for s in (0, 1)}
+    step = lambda s: torch.load(members[s] / "checkpoint.pt", weights_only=True)["step"]  # noqa: E731
+    for flags, message in ((["--tc-level", "full"], "no run below"), (["--seed", "5"], "no run below"),
+                           (["--model", "mlvae", "--seed", "0,1"], "none of the 2 runs this command names"),
+                           (["--model", "mlvae"], "holds runs in folders below it")):
+        assert gt.main(["--resume", "--out", str(sweep), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert (step(0), step(1)) == (4, 4)
+    assert gt.main(["--resume", "--out", str(sweep), "--seed", "0"]) == 0  # selects seed 0, drops nothing
+    assert (step(0), step(1)) == (8, 4) and not (members[1] / "metrics.json").exists()
+    train_log = (members[0] / "train.log").read_text()
+    assert "resumed at step 4" in train_log and train_log.count("step 4/8") == 1  # no repeated lines
+    assert gt.main(["--resume", "--out", str(sweep)]) == 0  # every unfinished run there: seed 1
+    assert (step(0), step(1)) == (8, 8)
+    assert "is finished" in capsys.readouterr().err
+    assert gt.main(["--resume", "--out", str(sweep), "--model", "gvae", "--seed", "0,1,2", *argv[2:]]) == 0
+    assert json.loads((sweep / "gvae_dsprites_procedural_beta1_gamma0_gs2_tc-inter_bs4_seed2" / "metrics.json")
+                      .read_text())["steps"] == 8  # named anew: the finished ones kept, seed 2 started
+
+
+def test_a_foreign_run_in_a_sweeps_folder_is_refused_before_any_step(tmp_path, capsys):
+    argv = ["--model", "gvae", *BASE]
+    other = tmp_path / "other"
+    assert gt.main([*argv, "--tc-level", "full", "--seed", "1", "--out", str(other)]) == 0
+    sweep = tmp_path / "sweep"
+    member = sweep / "gvae_dsprites_procedural_beta1_gamma0_gs2_tc-inter_bs4_seed1"
+    shutil.copytree(other, member)  # a run of other settings, under this sweep's name for its seed-1 run
+    for command in ([*argv, "--seed", "0,1", "--resume"], ["--resume"]):
+        assert gt.main([*command, "--out", str(sweep)]) == 2
+        assert "not the one its name says" in capsys.readouterr().err
+    assert sorted(p.name for p in sweep.iterdir()) == [member.name]  # the seed-0 run was not started either
+    assert (member / "checkpoint.pt").read_bytes() == (other / "checkpoint.pt").read_bytes()
+
+
+def test_finished_means_trained_to_its_steps_and_evaluated_there(tmp_path):
+    runs = tmp_path / "runs"
+    name = "gvae_dsprites_procedural_beta1_gamma0_gs2_tc-inter_bs4_seed0"
+    out = runs / "dsprites_procedural" / name
+    argv = ["--model", "gvae", "--dataset", "dsprites_procedural", "--steps", "4", "--batch-size", "4",
+            "--log-every", "2", "--checkpoint-every", "2", "--eval-samples", "200", "--device", "cpu",
+            "--out", str(out)]
+    assert run_main_interrupted_at(2, argv) == 130
+    assert gt.main(["--eval-only", "--out", str(out)]) == 0  # as the interrupt message suggests
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    env = os.environ | {"STEPS": "4", "SEEDS": "0", "DATASETS": "dsprites_procedural", "ONLY_MODELS": "gvae",
+                        "BASE_BETAS": "1", "GROUP_SIZES": "2", "BATCH_SIZE": "4", "EVAL_SAMPLES": "200",
+                        "LOG_EVERY": "2", "CHECKPOINT_EVERY": "2", "RUNS_DIR": str(runs), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "start" in done.stderr, done.stderr[-2000:]  # not taken for finished
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    assert [r["step"] for r in gt.read_log(out / "log.csv")] == ["2", "4"]
+    table = (runs / "results.md").read_text()
+    assert "# Results: 1 runs" in table and "| gvae (batch 4) | 1 | 4 |" in table
+
+
+def test_the_summary_pools_only_comparable_runs_and_counts_each_once(tmp_path, capsys):
+    names = ["shape", "scale", "orientation", "posX", "posY"]
+    rng = np.random.default_rng(0)
+
+    def metrics(folder, config=None, **kw):
+        m = {"mig": float(rng.uniform(0, 0.3)), "group_mig": 0.1, "mi_matrix": rng.uniform(0, 1, (10, 5)).tolist(),
+             "factor_entropy": [1.0, 1.7, 3.6, 3.4, 3.4], "factor_names": names, "content_factors": names[:3],
+             "content_latents": [5, 6, 7, 8, 9], "model": "gvae", "dataset": "dsprites_procedural", "beta": 1.0,
+             "gamma": 0.0, "steps": 10, "seed": 0, "group_size": 2, "tc_level": "inter", "batch_size": 32} | kw
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(m))
+        if config is not None:
+            (folder / "config.json").write_text(json.dumps({k: m[k] for k in ("model", "dataset", "beta", "gamma",
+                                                                              "seed")} | config))
+    metrics(tmp_path / "a")
+    metrics(tmp_path / "copy_of_a")  # the same run in two folders
+    metrics(tmp_path / "b", steps=20)
+    metrics(tmp_path / "c", batch_size=64)
+    metrics(tmp_path / "d", content_factors=["shape", "posX"], content_latents=[8, 9])
+    metrics(tmp_path / "short", config={"steps": 400}, steps=239)  # evaluated halfway
+    fake_run(tmp_path / "waiting", steps=10, batch_size=32)
+    assert gt.main(["--summarize", str(tmp_path)]) == 0
+    err, table = capsys.readouterr().err, (tmp_path / "results.md").read_text()
+    assert "holds the same run as" in err and "leaving out" in err and "239 of its 400" in err
+    assert "# Results: 4 runs" in table and "(2 more unfinished)" in table
+    for row in ("| gvae | 1 | 10 |", "| gvae | 1 | 20 |", "| gvae (batch 64) | 1 | 10 |",
+                "| gvae (z 10, z_c 2) (content shape,posX) | 1 | 10 |"):
+        assert row in table, row
+    assert "Unfinished (not counted above): gvae, beta 1, gamma 0, 10 steps: 1 run; gvae, beta 1, gamma 0, 400 " \
+           "steps: 1 run." in table
+    assert "| model | beta | gamma | steps | c: shape | \\c: scale |" in table  # the other split's own header
+    for other in ("a", "copy_of_a", "b", "c", "d"):
+        m = json.loads((tmp_path / other / "metrics.json").read_text())
+        (tmp_path / other / "metrics.json").write_text(json.dumps(m | {"model": "group_tcvae", "gamma": 8.0}))
+    assert gt.main(["--summarize", str(tmp_path)]) == 0  # no baseline's runs: no Figure 3(b) or 3(c) at all
+    assert not list(tmp_path.glob("figure3[bc]_*.png")) and (tmp_path / "figure4_dsprites_procedural.png").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seed", str(2 ** 63)], "--seed must be a whole number from 0"),
+    (["--eval-samples", "2000000000"], "--eval-samples must be 0 (all points) or 100 .. 737,280"),
+    (["--eval-samples", "50"], "--eval-samples must be 0 (all points) or 100"),
+    (["--beta", "1e39"], "a float32 holds"),
+    (["--content-factors", "shape,scael"], "unknown factor 'scael'"),
+])
+def test_a_sweep_is_refused_before_any_folder_is_written(tmp_path, capsys, flags, message):
+    assert gt.main(["--model", "gvae", *BASE, "--seed", "0,1", *flags, "--out", str(tmp_path / "s")]) in (2,)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_that_cannot_fit_is_refused_with_how_many_would(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gt, "available_memory", lambda device: 2 ** 30)  # 1 GiB free
+    assert gt.main(["--model", "group_tcvae", *BASE, "--seed", ",".join(map(str, range(200))),
+                    "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "200 runs trained together need about" in err and "would fit" in err and not (tmp_path / "s").exists()
+
+
+def test_a_failed_checkpoint_write_is_a_message_and_keeps_the_last_good_one(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", "gvae", *BASE, "--out", str(out)]
+    assert run_main_interrupted_at(3, argv) == 130
+    good = (out / "checkpoint.pt").read_bytes()
+
+    def full_disk(obj, f, *a, **kw):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert gt.main(["--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"could not write or read {out / 'checkpoint.pt'}" in err and "file write failed" in err
+    assert (out / "checkpoint.pt").read_bytes() == good and not list(out.glob(".*.tmp"))
+
+
+def test_a_resume_drops_a_cut_log_row_and_orphan_files(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--model", "gvae", *BASE, "--out", str(out)]
+    assert run_main_interrupted_at(3, argv) == 130
+    with open(out / "log.csv", "a") as f:
+        f.write("6,27")  # a row a kill cut short (no newline)
+    (out / ".checkpoint.pt.99999.tmp").write_bytes(b"half a checkpoint")
+    assert gt.main(["--resume", "--out", str(out)]) == 0
+    assert [r["step"] for r in gt.read_log(out / "log.csv")] == ["3", "6"]
+    assert not list(out.glob(".*.tmp")) and (out / "training_curves.png").stat().st_size > 5_000
+    with open(out / "log.csv", "a") as f:
+        f.write("9,1,2\n")  # a cut row inside the file: the figures leave it out
+    assert gt.main(["--eval-only", "--out", str(out)]) == 0
+
+
+def test_evaluating_nan_weights_says_so_and_keeps_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    good = (out / "metrics.json").read_bytes()
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    for t in checkpoint["vae"].values():
+        t.fill_(float("nan"))
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert gt.main(["--eval-only", "--out", str(out)]) == 2
+    assert "NaN or infinite codes" in capsys.readouterr().err
+    assert (out / "metrics.json").read_bytes() == good
+
+
+def test_what_a_person_sees(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    assert gt.main(["--model", "gvae", *BASE, "--seed", "0,1", "--log-every", "100", "--out", str(sweep)]) == 0
+    err = capsys.readouterr().err
+    assert "(first step: includes start-up)" in err  # a progress line long before the first --log-every
+    member = sweep / "gvae_dsprites_procedural_beta1_gamma0_gs2_tc-inter_bs4_seed1"
+    metrics = json.loads((member / "metrics.json").read_text())
+    assert gt.figure_title(metrics) == "gvae (batch 4) on dsprites_procedural: beta 1, gamma 0, seed 1, 6 steps"
+    for name in FIGURES:  # written before metrics.json, the mark of a finished run
+        assert (member / name).stat().st_mtime <= (member / "metrics.json").stat().st_mtime
+    rows = gt.read_log(member / "log.csv")
+    assert len(rows) == 1  # one row (at step 6): the curves show it as a point
+
+
+def test_run_paper_refuses_duplicates_and_a_bad_mib_per_run():
+    for env, message in (({"BASE_BETAS": "1 1.0"}, "BASE_BETAS lists '1' twice"),
+                         ({"SEEDS": "0 1 0"}, "SEEDS lists '0' twice"),
+                         ({"TCVAE_BETAS": "0.1 0.10"}, "TCVAE_BETAS lists '0.1' twice"),
+                         ({"MIB_PER_RUN": "lots"}, "MIB_PER_RUN must be a positive whole number")):
+        done = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=os.environ | env | {"DRY_RUN": "1"},
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, (env, done.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ reproducibility
@@ -1449,10 +1692,10 @@ def test_the_summary_shows_a_model_and_a_score_it_does_not_know(tmp_path, capsys
                                                                           {"new_score": 1.0}))
     del m["group_mig"]
     (tmp_path / "runs" / "partial").mkdir()
-    (tmp_path / "runs" / "partial" / "metrics.json").write_text(json.dumps(m))
+    (tmp_path / "runs" / "partial" / "metrics.json").write_text(json.dumps(m | {"seed": 1}))  # another seed's
     assert gt.main(["--summarize", str(tmp_path / "runs")]) == 0
     table = (tmp_path / "runs" / "results.md").read_text()
-    assert "| new_model | 1 |" in table and "| gvae | 2 |" in table
+    assert "| new_model (batch 4) | 1 |" in table and "| gvae (batch 4) | 2 |" in table
 
 
 # ------------------------------------------------------------------------------------------------ Ada models, pairs

@@ -43,7 +43,7 @@ if on alone; then
 import csv, sys
 out = sys.argv[1]
 rows = lambda p: list(csv.DictReader(open(p)))
-a = rows(f"{out}/sweep/group_tcvae_beta10_gamma8_gs2_tc-inter_seed1/log.csv")
+a = rows(f"{out}/sweep/group_tcvae_dsprites_procedural_beta10_gamma8_gs2_tc-inter_seed1/log.csv")
 b = rows(f"{out}/alone/log.csv")
 print("relative difference, sweep's run vs the run alone, per logged term")
 for ra, rb in zip(a, b):
