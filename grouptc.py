@@ -27,6 +27,7 @@ Where each quantity of the paper lives:
              discriminator loss ............... discriminator_loss()
     one training step (VAE, then D) ......... train_step()
     Sec. 4   MIG, group-MIG ................... mutual_info_matrix(), mig(), group_mig()
+             the field's other scores (not the paper's) dci(), sap(), modularity(), factor_vae_score()
     Fig. 3a  MI matrix ........................ plot_mi_matrix()
     Fig. 3b, 3c, 4 ............................ figure_3b(), figure_3c(), figure_4(), via summarize()
     Fig. 5   reconstructions, traversals ...... plot_reconstructions(), plot_traversals()
@@ -38,12 +39,13 @@ Use it as a library (README, "Use it in your own code", has a complete example):
     mig(codes, factors), group_mig(codes, factors, content_latents, content_factors)   # numpy (N, L), (N, K)
 
 Sections: the method (group sampler -> model -> objectives -> metrics -> the training step), then the machinery
-(sweeps -> run folders -> data sources -> arguments -> the training loop -> evaluation and figures -> summary ->
-command line).
+(sweeps -> run folders -> data sources -> arguments -> the training loop -> the field's other scores ->
+evaluation and figures -> summary -> command line).
 """
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import csv
 import errno
@@ -1128,13 +1130,13 @@ class RunLog:
             kept = [line for line in lines if not re.match(r"step\s+(\d+)/", line)
                     or int(re.match(r"step\s+(\d+)/", line)[1]) <= step]
             write_text_atomic(self.out / "train.log", "\n".join(kept + [f"resumed at step {step:,}"]) + "\n")
-        self.scores = CsvLog(self.out / "scores.csv", ["step", *SCORES], step) if args.eval_every else None
+        self.scores = CsvLog(self.out / "scores.csv", ["step", *PAPER_METRICS], step) if args.eval_every else None
 
     def row(self, step, means, ms):
         self.terms.row([step, *[f"{v:.6g}" for v in means], f"{ms:.2f}"])
 
     def scores_row(self, step, scores):
-        self.scores.row([step, *[f"{scores[k]:.6g}" for k in SCORES]])
+        self.scores.row([step, *[f"{scores[k]:.6g}" for k in PAPER_METRICS]])
 
     def say(self, line):
         if self.sweep:
@@ -1662,6 +1664,10 @@ def build_parser(suppress_defaults=False, on_error=None):
            "flags select among them); with --model, the runs the command names, resumed where they are there")
     a("--eval-only", action="store_true", default=False,
       help="no training: evaluate the checkpoint in --out again and rewrite metrics.json and the figures")
+    a("--metrics", type=parse_metrics, default=",".join(CHEAP_METRICS),
+      help="what an evaluation scores: all, or some of mig, group_mig, modularity, sap, dci, factor_vae (MIG and "
+           "group-MIG always), as disentanglement_lib computes them; the default takes seconds on a CPU, factor_vae "
+           "minutes (README: Metrics)")
     a("--eval-every", type=int, default=0,
       help="steps between evaluations during training (MIG, group-MIG on the --eval-samples points of the final "
            "evaluation) into scores.csv and scores.png; 0: only the final evaluation")
@@ -1704,9 +1710,6 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
     return args
-
-
-DEFAULTS = vars(build_parser().parse_args([]))  # the flags' defaults, by name
 
 
 def read_flags(saved, path, lists=False):
@@ -2143,6 +2146,469 @@ def eval_only(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The field's other scores, as disentanglement_lib computes them: DCI, SAP, modularity, the FactorVAE score.
+# ----------------------------------------------------------------------------------------------------------------
+# Not the paper's (it reports MIG and group-MIG); here so that a run's numbers stand beside the field's (Locatello et
+# al. 2020 report all of them). Layout as mig(): codes (N, L) encoder means, factors (N, K) integer classes; DCI and
+# SAP are fitted on one draw of points and scored on another (DL: 10,000 and 5,000), not on a split.
+_KERNELS = []  # the Numba kernels below: plain Python until _compile_kernels() compiles them
+
+
+def _numba(f):
+    _KERNELS.append(f.__name__)
+    return f
+
+
+def _compile_kernels():
+    """numba.njit every kernel marked @_numba, once (cached on disk), in place of its Python definition; kept out
+    of `import grouptc`, which stays fast."""
+    if _KERNELS:
+        import numba
+        for name in _KERNELS:
+            globals()[name] = numba.njit(cache=True, nogil=True)(globals()[name])
+        _KERNELS.clear()
+
+
+_EPS = np.finfo(np.float64).eps
+_TIE = np.float32(1e-7)  # sklearn's FEATURE_THRESHOLD: values closer than this (in float32 arithmetic) are one value
+
+
+@_numba
+def _best_splits(idx, v, g, b, e, total, inv, top, top_at, top_sl, sl):
+    """Best squared-error split, per feature j, of a node whose samples idx[j, 2p] (p in b..e-1) are sorted by their
+    values v[j, 2p + 1] (the int32 and float32 views of the packed words, see _fit_tree): the maximum of sklearn's
+    proxy sum_l^2 / n_l + sum_r^2 / n_r over the positions p between two values more than 1e-7 apart (in float32,
+    as sklearn); the first maximum wins. -> top[j] (-inf: no candidate), top_at[j] = p, top_sl[j] = sum_l;
+    sl: scratch. All the features in one sweep: their running sums are independent chains, run in parallel."""
+    L = idx.shape[0]
+    for j in range(L):
+        top[j], top_at[j], top_sl[j], sl[j] = -np.inf, -1, 0.0, g[idx[j, 2 * b]]
+    for p in range(b + 1, e):
+        il, ir = inv[p - b], inv[e - p]
+        for j in range(L):
+            s = sl[j]
+            proxy = s * s * il + (total - s) * (total - s) * ir
+            better = (v[j, 2 * p + 1] > v[j, 2 * p - 1] + _TIE) & (proxy > top[j])  # selects, not branches
+            top[j] = proxy if better else top[j]
+            top_at[j] = p if better else top_at[j]
+            top_sl[j] = s if better else top_sl[j]
+            sl[j] = s + g[idx[j, 2 * p]]
+
+
+@_numba
+def _partition(words, idx, out, left, b, e, r):
+    """Stable partition of the packed words[b:e] (sample idx[2p]) into out[b:r] (samples with left[s]) and out[r:e]."""
+    l = b
+    for p in range(b, e):
+        go = left[idx[2 * p]]
+        q = r + (l - r) * go  # arithmetic, not a branch: the direction is unpredictable
+        out[q] = words[p]
+        l += go
+        r += 1 - go
+
+
+@_numba
+def _fit_tree(x, words, g, h, leaf_scale, max_depth, feat, thr, val, imp, node, work, left, inv):
+    """Grow one regression tree of depth <= max_depth on the negative gradient g as sklearn's
+    DecisionTreeRegressor(splitter="best", criterion="squared_error") does: exact greedy splits, thresholds at
+    midpoints between sorted values more than 1e-7 apart, no split of a node with < 2 samples or variance <= eps.
+    Nodes in heap order (children of n: 2n+1, 2n+2). x (N, L) float32; words (L, N) int64: per feature, the samples
+    sorted by it, each an 8-byte word holding the sample's index (int32 view, even slots) and value (float32 view,
+    odd slots); one sort serves every tree. Leaf value = leaf_scale * sum(g) / sum(h), h = p (1 - p): sklearn's
+    Newton step. Fills feat (-1: leaf), thr, val; adds each split's impurity decrease to imp; node <- each sample's
+    leaf. work (2, L, N) int64, left (N,) uint8: scratch; inv[n] = 1 / n.
+    Each node's samples stay sorted by every feature in one contiguous segment (stable partitions down the tree),
+    so a level costs one sweep and one partition: O(N L)."""
+    N, L = x.shape
+    n_nodes = feat.shape[0]
+    cnt, tot, mean, ss = np.zeros(n_nodes, np.int64), np.zeros(n_nodes), np.zeros(n_nodes), np.zeros(n_nodes)
+    begin = np.zeros(n_nodes, np.int64)  # node n's segment: begin[n] .. begin[n] + cnt[n]
+    top, top_at, top_sl, sl = np.empty(L), np.empty(L, np.int64), np.empty(L), np.empty(L)
+    feat[:] = -1
+    node[:] = 0
+    cnt[0], tot[0] = N, g.sum()
+    mean[0] = tot[0] / N
+    for s in range(N):
+        ss[0] += (g[s] - mean[0]) ** 2
+    for depth in range(max_depth):
+        lo, hi = 2 ** depth - 1, 2 ** (depth + 1) - 1  # the node ids of this depth
+        src = words if depth == 0 else work[depth % 2]
+        src_i, src_v = src.view(np.int32), src.view(np.float32)
+        split = False
+        for n in range(lo, hi):
+            if cnt[n] < 2 or ss[n] / cnt[n] <= _EPS:  # sklearn: min_samples_split 2; impurity <= eps: a leaf
+                continue
+            b, e = begin[n], begin[n] + cnt[n]
+            _best_splits(src_i, src_v, g, b, e, tot[n], inv, top, top_at, top_sl, sl)
+            # sklearn visits the features in a random order and keeps the first best: exact ties (duplicated codes)
+            # go to a random one of the tied features. Emulated by ranking the features at random.
+            rank = np.random.permutation(L)
+            j = -1
+            for i in range(L):
+                if top_at[i] >= 0 and (j < 0 or top[i] > top[j] or (top[i] == top[j] and rank[i] < rank[j])):
+                    j = i
+            if j < 0:
+                continue  # every feature constant in the node
+            gain = top[j] - tot[n] * tot[n] / cnt[n]  # = n imp - n_l imp_l - n_r imp_r
+            if gain / N + _EPS < 0.0:  # sklearn's min_impurity_decrease = 0 test
+                continue
+            p = top_at[j]
+            lv, rv = np.float64(src_v[j, 2 * p - 1]), np.float64(src_v[j, 2 * p + 1])
+            t = lv / 2.0 + rv / 2.0  # sklearn's midpoint of two float32 values, in float64
+            feat[n], thr[n] = j, t if t != rv else lv
+            imp[j] += gain
+            a, c = 2 * n + 1, 2 * n + 2
+            begin[a], cnt[a], tot[a] = b, p - b, top_sl[j]
+            begin[c], cnt[c], tot[c] = p, e - p, tot[n] - top_sl[j]
+            mean[a], mean[c] = tot[a] / cnt[a], tot[c] / cnt[c]
+            split = True
+        if not split:
+            break
+        for s in range(N):  # move the samples to the children; the children's sums of squares
+            n = node[s]
+            if n >= lo and feat[n] >= 0:
+                left[s] = x[s, feat[n]] <= thr[n]
+                node[s] = 2 * n + 2 - left[s]
+                ss[node[s]] += (g[s] - mean[node[s]]) ** 2
+        if depth + 1 < max_depth:  # stable partition of each split node's segment, every feature
+            dst = work[(depth + 1) % 2]
+            for j in range(L):
+                for n in range(lo, hi):
+                    if feat[n] >= 0:
+                        _partition(src[j], src_i[j], dst[j], left, begin[n], begin[n] + cnt[n], begin[2 * n + 2])
+    num, den = np.zeros(n_nodes), np.zeros(n_nodes)
+    for s in range(N):
+        num[node[s]] += g[s]
+        den[node[s]] += h[s]
+    for n in range(n_nodes):  # sklearn's _safe_divide: 0 when the mean hessian is below 1e-150
+        val[n] = leaf_scale * num[n] / den[n] if cnt[n] > 0 and abs(den[n] / cnt[n]) >= 1e-150 else 0.0
+
+
+@_numba
+def _apply(x, feat, thr, val, out, scale):
+    """out[s] += scale * the value of the leaf (of one heap-ordered tree) that x[s] falls in."""
+    for s in range(x.shape[0]):
+        n = 0
+        while feat[n] >= 0:
+            n = 2 * n + 1 if x[s, feat[n]] <= thr[n] else 2 * n + 2
+        out[s] += scale * val[n]
+
+
+@_numba
+def _gbt(x, words, y, n_classes, x_test, seed, n_stages, learning_rate, max_depth):
+    """GradientBoostingClassifier() with log-loss. Init: the log prior odds (2 classes: one tree a stage, on the
+    logit) or the log priors minus their mean (K > 2: per stage one tree per class, all on the softmax gradients of
+    the stage's start; leaf values times (K - 1) / K). -> (L,) summed impurity decreases; (T, N) train and (T, M)
+    test raw predictions, T = 1 or K."""
+    np.random.seed(seed)
+    N, L = x.shape
+    T = 1 if n_classes == 2 else n_classes
+    n_nodes = 2 ** (max_depth + 1) - 1
+    prior = np.zeros(n_classes)
+    for s in range(N):
+        prior[y[s]] += 1.0
+    prior = np.minimum(np.maximum(prior / N, _EPS), 1 - _EPS)  # sklearn clips the prior to [eps, 1 - eps]
+    raw, raw_test = np.empty((T, N)), np.empty((T, x_test.shape[0]))
+    for k in range(T):
+        raw[k] = math.log(prior[1] / (1 - prior[1])) if T == 1 else math.log(prior[k]) - np.log(prior).mean()
+        raw_test[k] = raw[k, 0]
+    imp = np.zeros(L)
+    feat, thr, val = np.empty(n_nodes, np.int64), np.empty(n_nodes), np.empty(n_nodes)
+    node, left = np.empty(N, np.int64), np.empty(N, np.uint8)
+    work = np.empty((2, L, N), np.int64)
+    g, h, z = np.empty((T, N)), np.empty((T, N)), np.empty(T)
+    inv = np.ones(N + 1)
+    inv[1:] = 1.0 / np.arange(1, N + 1)  # sklearn divides by n; times 1 / n is faster (can differ in the last bit)
+    for stage in range(n_stages):
+        for s in range(N):  # negative gradients y_k - p_k at the stage's start; h = p_k (1 - p_k)
+            if T == 1:
+                p = 1.0 / (1.0 + math.exp(-raw[0, s]))
+                g[0, s], h[0, s] = (y[s] == 1) - p, p * (1 - p)
+            else:
+                m = raw[:, s].max()
+                for k in range(T):
+                    z[k] = math.exp(raw[k, s] - m)
+                total = z.sum()
+                for k in range(T):
+                    g[k, s], h[k, s] = (y[s] == k) - z[k] / total, z[k] / total * (1 - z[k] / total)
+        for k in range(T):
+            _fit_tree(x, words, g[k], h[k], (T - 1) / T if T > 1 else 1.0, max_depth, feat, thr, val, imp, node,
+                      work, left, inv)
+            for s in range(N):
+                raw[k, s] += learning_rate * val[node[s]]
+            _apply(x_test, feat, thr, val, raw_test[k], learning_rate)
+    return imp, raw, raw_test
+
+
+def sorted_words(x):
+    """x (N, L) float32 -> (L, N) int64: per feature, the samples sorted by it, each as one word packing the sample's
+    index (the int32 view's even slots) and its value (the float32 view's odd slots)."""
+    order = np.argsort(x, axis=0, kind="stable").T
+    words = np.empty(order.shape, np.int64)
+    words.view(np.int32)[:, 0::2] = order
+    words.view(np.float32)[:, 1::2] = np.take_along_axis(x.T, order, 1)
+    return words
+
+
+def gbt_classifier(codes, labels, test_codes, seed=0, n_stages=100, learning_rate=0.1, max_depth=3):
+    """Fit sklearn's GradientBoostingClassifier() (defaults: 100 stages, depth 3, rate 0.1, log-loss, subsample 1,
+    min_samples_split 2, min_samples_leaf 1; friedman_mse picks the same splits as squared error, which sklearn
+    1.9.1 uses) on codes (N, L) and labels (N,) in 0..C-1 (C >= 2, all present). Codes are rounded to float32 as
+    sklearn does. seed only breaks exact ties between features (sklearn: random_state).
+    feature_importances_ = the trees' summed impurity decreases, normalised to sum 1 (sklearn averages the trees'
+    unnormalised importances, then normalises: the same).
+    -> (feature_importances_ (L,), train predictions (N,), test predictions (M,)), predictions as label indices."""
+    _compile_kernels()
+    x = np.ascontiguousarray(codes, dtype=np.float32)
+    imp, raw, raw_test = _gbt(x, sorted_words(x), np.ascontiguousarray(labels, dtype=np.int64), int(labels.max()) + 1,
+                              np.ascontiguousarray(test_codes, dtype=np.float32), seed, n_stages, learning_rate,
+                              max_depth)
+
+    def predict(r):  # sklearn: class 1 when raw >= 0 (binary), else argmax
+        return (r[0] >= 0).astype(np.int64) if len(r) == 1 else r.argmax(0)
+    return (imp / imp.sum() if imp.sum() > 0 else imp), predict(raw), predict(raw_test)
+
+
+def _entropy(p, base):
+    """scipy.stats.entropy(p, base=base) along axis 0 (p normalised first)."""
+    p = p / p.sum(0)
+    return -(p * np.log(p)).sum(0) / math.log(base)
+
+
+def dci_from_importance(R):
+    """DL's disentanglement and completeness of an (L codes, K factors) importance matrix: 1e-11 added, entropies in
+    base K (per code) and base L (per factor), weighted by the code's / factor's share of R (uniform if R = 0)."""
+    L, K = R.shape
+    W = R if R.sum() > 0 else np.ones_like(R)
+    per_code = 1 - _entropy(R.T + 1e-11, K)
+    per_factor = 1 - _entropy(R + 1e-11, L)
+    return float(per_code @ (W.sum(1) / W.sum())), float(per_factor @ (W.sum(0) / W.sum()))
+
+
+def _classes(train, test):
+    """train (N,) and test (M,) values -> the sorted train classes' labels 0..C-1, and the test labels (-1 where
+    a value is not a train class)."""
+    classes, y = np.unique(train, return_inverse=True)
+    i = np.minimum(np.searchsorted(classes, test), len(classes) - 1)
+    return len(classes), y.reshape(-1), np.where(classes[i] == test, i, -1)
+
+
+def dci(codes, factors, test_codes, test_factors, seed=0):
+    """DL's DCI (Eastwood & Williams 2018 with gradient-boosted trees): per factor, GradientBoostingClassifier() on
+    (codes, factor); R[:, k] = its feature_importances_; disentanglement and completeness of R as
+    dci_from_importance; informativeness_train / _test = mean over factors of the classification accuracy.
+    A factor with a single train class (sklearn refuses it) gets R[:, k] = 0 and the constant prediction. The
+    factors are fitted in parallel on torch's thread count (the kernels release the GIL)."""
+    codes, test_codes = np.asarray(codes, np.float64), np.asarray(test_codes, np.float64)
+    L, K = codes.shape[1], factors.shape[1]
+    _compile_kernels()
+
+    def fit(k):
+        C, y, y_test = _classes(factors[:, k], test_factors[:, k])
+        if C < 2:
+            r, p, p_test = np.zeros(L), np.zeros(len(y), np.int64), np.zeros(len(y_test), np.int64)
+        else:
+            r, p, p_test = gbt_classifier(codes, y, test_codes, seed + k)
+        return r, np.mean(p == y), np.mean(p_test == y_test)
+    order = sorted(range(K), key=lambda k: -len(np.unique(factors[:, k])))  # the costliest first
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(K, torch.get_num_threads()))) as pool:
+        fits = dict(zip(order, pool.map(fit, order)))
+    R = np.stack([fits[k][0] for k in range(K)], 1)
+    d, c = dci_from_importance(R)
+    return {"disentanglement": d, "completeness": c,
+            "informativeness_train": float(np.mean([fits[k][1] for k in range(K)])),
+            "informativeness_test": float(np.mean([fits[k][2] for k in range(K)])), "importance_matrix": R}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SAP: sklearn's LinearSVC(C=0.01, class_weight="balanced") on each single code, solved exactly
+# ---------------------------------------------------------------------------------------------------------------
+
+@_numba
+def _l2svm(x, t, c):
+    """argmin over (a, b) of 0.5 (a^2 + b^2) + sum_n c_n max(0, 1 - t_n (a x_n + b))^2, t = +-1: liblinear's
+    L2-regularised squared-hinge SVM with the intercept as a regularised constant feature. Newton steps with
+    backtracking; stops once a full step keeps the set of margin violators, where the piecewise-quadratic objective
+    is exactly minimised."""
+    N = len(x)
+    a, b = 0.0, 0.0
+    active, prev = np.zeros(N, np.bool_), np.ones(N, np.bool_)
+    full = False
+    for it in range(100):
+        ga, gb, haa, hab, hbb, f0 = a, b, 1.0, 0.0, 1.0, 0.5 * (a * a + b * b)
+        same = True
+        for n in range(N):
+            r = 1.0 - t[n] * (a * x[n] + b)
+            active[n] = r > 0
+            same &= active[n] == prev[n]
+            if r > 0:
+                f0 += c[n] * r * r
+                w = 2.0 * c[n] * r * t[n]
+                ga -= w * x[n]
+                gb -= w
+                haa += 2.0 * c[n] * x[n] * x[n]
+                hab += 2.0 * c[n] * x[n]
+                hbb += 2.0 * c[n]
+        if (full and same) or (ga == 0.0 and gb == 0.0):
+            break
+        prev[:] = active
+        det = haa * hbb - hab * hab
+        da, db = -(hbb * ga - hab * gb) / det, -(haa * gb - hab * ga) / det
+        step, slope = 1.0, ga * da + gb * db
+        while step > 1e-10:  # Armijo backtracking
+            a1, b1 = a + step * da, b + step * db
+            f1 = 0.5 * (a1 * a1 + b1 * b1)
+            for n in range(N):
+                r = 1.0 - t[n] * (a1 * x[n] + b1)
+                if r > 0:
+                    f1 += c[n] * r * r
+            if f1 <= f0 + 1e-4 * step * slope:
+                break
+            step *= 0.5
+        a, b = a + step * da, b + step * db
+        full = step == 1.0
+    return a, b
+
+
+@_numba
+def _linear_svc(x, y, n_classes, C):
+    """LinearSVC(C, class_weight="balanced") on 1-D x, labels y in 0..n_classes-1 -> (coef (n), intercept (n)),
+    n = 1 for two classes. Balanced weights w_c = N / (n_classes N_c). Two classes: one problem, class 1 positive,
+    each sample's weight C w_y. More: liblinear's one-vs-rest, the positives (class c) C w_c, the negatives plain C."""
+    N = len(x)
+    counts = np.zeros(n_classes)
+    for n in range(N):
+        counts[y[n]] += 1
+    w = N / (n_classes * counts)
+    T = 1 if n_classes == 2 else n_classes
+    coef, intercept = np.empty(T), np.empty(T)
+    t, c = np.empty(N), np.empty(N)
+    for k in range(T):
+        pos = 1 if T == 1 else k
+        for n in range(N):
+            t[n] = 1.0 if y[n] == pos else -1.0
+            c[n] = C * w[y[n]] if (T == 1 or y[n] == pos) else C
+        coef[k], intercept[k] = _l2svm(x, t, c)
+    return coef, intercept
+
+
+def linear_svc_1d(x, y, n_classes, C=0.01):
+    """(coef_, intercept_) of sklearn's LinearSVC(C=C, class_weight="balanced") on the single feature x (N,),
+    labels y (N,) in 0..n_classes-1 (all present, n_classes >= 2), at the exact optimum (liblinear stops at tol)."""
+    _compile_kernels()
+    return _linear_svc(np.ascontiguousarray(x, np.float64), np.ascontiguousarray(y, np.int64), n_classes, C)
+
+
+def sap_matrix(codes, factors, test_codes, test_factors, C=0.01):
+    """S[i, k] = test accuracy of LinearSVC(C=0.01, class_weight="balanced") fitted on code i alone to factor k;
+    prediction = class 1 when the score > 0 (two classes), else argmax of the class scores. A factor with a single
+    train class (sklearn refuses it) is predicted constant."""
+    codes, test_codes = np.asarray(codes, np.float64), np.asarray(test_codes, np.float64)
+    L, K = codes.shape[1], factors.shape[1]
+    S = np.zeros((L, K))
+    for k in range(K):
+        n_classes, y, y_test = _classes(factors[:, k], test_factors[:, k])
+        for i in range(L):
+            if n_classes < 2:
+                pred = np.zeros(len(y_test), np.int64)
+            else:
+                a, b = linear_svc_1d(codes[:, i], y, n_classes, C)
+                score = test_codes[:, i, None] * a + b
+                pred = (score[:, 0] > 0).astype(np.int64) if n_classes == 2 else score.argmax(1)
+            S[i, k] = np.mean(pred == y_test)
+    return S
+
+
+def sap_from_matrix(S):
+    """Mean over factors of the gap between the two largest entries of the factor's column of S (L >= 2)."""
+    top = np.sort(S, axis=0)
+    return float(np.mean(top[-1] - top[-2]))
+
+
+def sap(codes, factors, test_codes, test_factors):
+    """DL's SAP score, discrete form (Kumar et al. 2018): sap_from_matrix(sap_matrix(...))."""
+    return sap_from_matrix(sap_matrix(codes, factors, test_codes, test_factors))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modularity (Ridgeway & Mozer 2018)
+# ---------------------------------------------------------------------------------------------------------------
+
+def modularity_from_matrix(mi):
+    """DL's modularity of an (L, K) MI matrix: per code 1 - (sum_k m^2 - max_k m^2) / (max_k m^2 (K - 1)), 0 for a
+    code whose MI is all 0; mean over all codes."""
+    sq = np.square(mi)
+    top = sq.max(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = 1 - (sq.sum(1) - top) / (top * (sq.shape[1] - 1))
+    return float(np.mean(np.where(top == 0, 0.0, score)))
+
+
+def modularity(codes, factors, n_bins=20):
+    """DL's modularity on the 20-bin MI matrix (grouptc's mutual_info_and_entropy: numpy.histogram's equal-width
+    bins per code, plug-in MI in nats), on the training points."""
+    return modularity_from_matrix(mutual_info_and_entropy(codes, factors, n_bins)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FactorVAE score (Kim & Mnih 2018)
+# ---------------------------------------------------------------------------------------------------------------
+
+def factor_vae_votes(batches, global_var, active):
+    """batches (V, B, L): the codes of V votes' B-point batches -> (V,) the index, among the active dims, of the
+    dim with the smallest var(ddof=1) / global var (DL's argmin; NaN (0 / 0) counts as smallest, as numpy's)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.argmin(batches.var(axis=1, ddof=1)[:, active] / global_var[active], axis=1)
+
+
+def factor_vae_accuracy(train_factor, train_dim, eval_factor, eval_dim, n_factors, n_dims):
+    """Majority-vote classifier: each dim predicts the factor that won most of its training votes (ties: the lowest
+    factor index; a dim without votes: factor 0). -> (train accuracy, eval accuracy): the share of votes whose
+    factor is the one their dim predicts."""
+    train, ev = np.zeros((n_factors, n_dims), np.int64), np.zeros((n_factors, n_dims), np.int64)
+    np.add.at(train, (train_factor, train_dim), 1)
+    np.add.at(ev, (eval_factor, eval_dim), 1)
+    predict = train.argmax(0)
+    cols = np.arange(n_dims)
+    return float(train[predict, cols].sum() / train.sum()), float(ev[predict, cols].sum() / ev.sum())
+
+
+def factor_vae_score(encode, factor_sizes, rng, n_train=10_000, n_eval=5_000, n_var=10_000, batch_size=64,
+                     prune=0.05, votes_per_call=256):
+    """DL's FactorVAE score. encode: (M, K) int64 factor classes -> (M, L) codes (the encoder means); it is called
+    on n_var points, then on votes_per_call * batch_size points at a time. rng: numpy Generator (or seed).
+    Global var (ddof 1) of n_var uniform points; dims with std < prune are dropped (DL's study: 0.05; its function
+    default: 0). A vote: factor k uniform; batch_size uniform factor vectors, column k set to the first row's value;
+    argmin over active dims of var(ddof 1) / global var. Majority-vote classifier from n_train votes, scored on
+    n_eval fresh ones. -> dict: eval_accuracy (the score; 0 without an active dim), train_accuracy, n_active."""
+    rng = np.random.default_rng(rng)
+    sizes = np.asarray(factor_sizes, np.int64)
+    K = len(sizes)
+    global_var = np.asarray(encode(rng.integers(0, sizes, (n_var, K))), np.float64).var(0, ddof=1)
+    active = np.sqrt(global_var) >= prune
+    if not active.any():
+        return {"eval_accuracy": 0.0, "train_accuracy": 0.0, "n_active": 0}
+
+    def votes(n):
+        ks, dims = [], []
+        for start in range(0, n, votes_per_call):
+            m = min(votes_per_call, n - start)
+            k = rng.integers(0, K, m)
+            f = rng.integers(0, sizes, (m, batch_size, K))
+            f[np.arange(m), :, k] = f[np.arange(m), 0, k][:, None]
+            codes = np.asarray(encode(f.reshape(m * batch_size, K)), np.float64).reshape(m, batch_size, -1)
+            ks.append(k)
+            dims.append(factor_vae_votes(codes, global_var, active))
+        return np.concatenate(ks), np.concatenate(dims)
+
+    (tk, td), (ek, ed) = votes(n_train), votes(n_eval)
+    train_acc, eval_acc = factor_vae_accuracy(tk, td, ek, ed, K, int(active.sum()))
+    return {"eval_accuracy": eval_acc, "train_accuracy": train_acc, "n_active": int(active.sum())}
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Evaluation and figures: the scores of a run, Figure 3(a), Figure 5, the training curves.
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -2157,34 +2623,77 @@ def encode_means(vae, data, classes, batch=1024):
     return torch.cat(codes).double().numpy()
 
 
-SCORES = {"mig": "MIG", "group_mig": "group-MIG"}  # what evaluate() scores: metrics.json key -> name in tables
+SCORES = {  # what evaluate() can score: metrics.json key -> name in tables and figures
+    "mig": "MIG", "group_mig": "group-MIG",  # the paper's
+    "factor_vae_score": "FactorVAE score", "dci_disentanglement": "DCI disentanglement",
+    "dci_completeness": "DCI completeness", "dci_informativeness": "DCI informativeness", "sap": "SAP",
+    "modularity": "modularity"}
+METRICS = {  # --metrics: a metric -> the scores it gives
+    "mig": ("mig",), "group_mig": ("group_mig",), "modularity": ("modularity",), "sap": ("sap",),
+    "dci": ("dci_disentanglement", "dci_completeness", "dci_informativeness"), "factor_vae": ("factor_vae_score",)}
+CHEAP_METRICS = ("mig", "group_mig", "modularity", "sap")  # seconds on a CPU; dci about a minute, factor_vae more
+PAPER_METRICS = ("mig", "group_mig")  # the scores over training (--eval-every)
 
 
-def evaluate(vae, data, content_factors, content_dims, n_samples=10_000, seed=0):
-    """MIG and group-MIG of the encoder means of n_samples uniform random points of `data` (0: every point).
-    content_factors: indices of the content factors; z_c is the last content_dims dims of the code.
-    -> (scores, codes): scores with every key of SCORES, the MI matrix and what it is over; codes (N, L)."""
+def random_points(data, n_samples, seed):
+    """(n_samples, K) uniform random factor classes of `data` from a generator of its own (0: every point)."""
     if n_samples == 0:
-        classes = index_to_classes(torch.arange(data.num_points, device=data.device), data.factor_sizes)
-    else:
-        gen = torch.Generator(device=data.device).manual_seed(seed + 7)
-        classes = uniform_classes(data.factor_sizes, (n_samples,), gen)
+        return index_to_classes(torch.arange(data.num_points, device=data.device), data.factor_sizes)
+    return uniform_classes(data.factor_sizes, (n_samples,),
+                           torch.Generator(device=data.device).manual_seed(seed))
+
+
+def evaluate(vae, data, content_factors, content_dims, n_samples=10_000, seed=0, metrics=PAPER_METRICS):
+    """The scores of `metrics` (names of METRICS) for the encoder means of n_samples uniform random points of
+    `data` (0: every point); SAP and DCI are scored on half as many fresh points (DL: 10,000 and 5,000).
+    content_factors: indices of the content factors; z_c is the last content_dims dims of the code.
+    -> (scores, codes, classes): scores with the keys of the metrics, the MI matrix (and, with sap and dci, their
+    matrices) and what they are over; codes (N, L) and classes (N, K) of the points."""
     t0 = time.perf_counter()
+    classes = random_points(data, n_samples, seed + 7)
     codes = encode_means(vae, data, classes)
     if not np.isfinite(codes).all():
         raise UserError("the encoder gives NaN or infinite codes (its weights hold NaN or infinite values); nothing "
                         "was scored or written")
-    mi, H = mutual_info_and_entropy(codes, classes.cpu().numpy())
+    factors = classes.cpu().numpy()
+    mi, H = mutual_info_and_entropy(codes, factors)
     L = codes.shape[1]
     content_latents = list(range(L - content_dims, L))
-    scores = {
-        "mig": mig_from_matrix(mi, H),
-        "group_mig": group_mig_from_matrix(mi, H, content_latents, content_factors),
-        "mi_matrix": mi.tolist(), "factor_entropy": H.tolist(), "factor_names": list(data.factor_names),
-        "content_factors": [data.factor_names[k] for k in content_factors], "content_latents": content_latents,
-        "eval_samples": len(codes), "eval_seconds": round(time.perf_counter() - t0, 3),
-    }
-    return scores, codes
+    scores = {"mig": mig_from_matrix(mi, H),
+              "group_mig": group_mig_from_matrix(mi, H, content_latents, content_factors)}
+    if "modularity" in metrics:
+        scores["modularity"] = modularity_from_matrix(mi)
+    if "sap" in metrics or "dci" in metrics:
+        test = random_points(data, max(len(codes) // 2, 1), seed + 8)
+        test_codes, test_factors = encode_means(vae, data, test), test.cpu().numpy()
+        if "sap" in metrics:
+            S = sap_matrix(codes, factors, test_codes, test_factors)
+            scores |= {"sap": sap_from_matrix(S), "sap_matrix": S.tolist()}
+        if "dci" in metrics:
+            d = dci(codes, factors, test_codes, test_factors)
+            scores |= {"dci_disentanglement": d["disentanglement"], "dci_completeness": d["completeness"],
+                       "dci_informativeness": d["informativeness_test"],
+                       "dci_informativeness_train": d["informativeness_train"],
+                       "dci_importance": d["importance_matrix"].tolist()}
+    if "factor_vae" in metrics:
+        encode = lambda c: encode_means(vae, data, torch.as_tensor(c, device=data.device))  # noqa: E731
+        scores["factor_vae_score"] = factor_vae_score(encode, data.factor_sizes, seed + 9)["eval_accuracy"]
+    scores |= {"mi_matrix": mi.tolist(), "factor_entropy": H.tolist(), "factor_names": list(data.factor_names),
+               "content_factors": [data.factor_names[k] for k in content_factors], "content_latents": content_latents,
+               "eval_samples": len(codes), "metrics": list(metrics),
+               "eval_seconds": round(time.perf_counter() - t0, 3)}
+    return scores, codes, factors
+
+
+def parse_metrics(text):
+    """--metrics: all, or a comma-separated list of METRICS' names -> those names, comma-separated, MIG and group-MIG
+    first (always computed)."""
+    names = list(METRICS) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown metric {', '.join(unknown)}; expected all, or some of "
+                                         f"{', '.join(METRICS)} separated by commas")
+    return ",".join(dict.fromkeys([*PAPER_METRICS, *names]))
 
 
 def _plt():
@@ -2318,10 +2827,12 @@ def evaluate_and_plot(run, out, n_samples):
     """Evaluate a Run into its folder: metrics.json (the scores and the run's settings) and the figures."""
     out, a = Path(out), run.args
     print(f"evaluating on {n_samples or run.data.num_points:,} points", file=sys.stderr)
-    scores, codes = evaluate(run.vae, run.data, run.content_factors, a.content_dims, n_samples, a.seed)
-    if not all(math.isfinite(scores[k]) for k in SCORES):
+    scores, codes, factors = evaluate(run.vae, run.data, run.content_factors, a.content_dims, n_samples, a.seed,
+                                      a.metrics.split(","))
+    got = {k: name for k, name in SCORES.items() if k in scores}
+    if not all(math.isfinite(scores[k]) for k in got):
         raise UserError(f"the evaluation on {scores['eval_samples']:,} points gave "
-                        + ", ".join(f"{name} {scores[k]}" for k, name in SCORES.items())
+                        + ", ".join(f"{name} {scores[k]}" for k, name in got.items())
                         + " (every factor took a single value there); nothing was written. "
                         f"Evaluate on more points: --eval-only --out {out} --eval-samples 10000")
     metrics = scores | {"model": a.model, "dataset": a.dataset, "steps": run.step,
@@ -2336,10 +2847,15 @@ def evaluate_and_plot(run, out, n_samples):
     if (out / "log.csv").exists():
         plot_training_curves(out / "log.csv", out / "training_curves.png", title=title)
     if (out / "scores.csv").exists():
-        plot_training_curves(out / "scores.csv", out / "scores.png", [SCORES[k] for k in SCORES], title)
+        plot_training_curves(out / "scores.csv", out / "scores.png", [SCORES[k] for k in PAPER_METRICS], title)
+
+    def write_codes(tmp):  # any outside tool can score the run from these
+        with open(tmp, "wb") as f:
+            np.savez(f, codes=codes.astype(np.float32), factors=factors.astype(np.int64))
+    write_atomic(out / "codes.npz", write_codes)
     # last: a run is finished once its metrics.json stands at its steps, so its figures are there by then
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False) + "\n")
-    print("  ".join(f"{name} {scores[k]:.4f}" for k, name in SCORES.items()) + f"  -> {out}/metrics.json",
+    print("  ".join(f"{name} {scores[k]:.4f}" for k, name in got.items()) + f"  -> {out}/metrics.json",
           file=sys.stderr)
     return metrics
 
@@ -2454,20 +2970,36 @@ def load_runs(runs_dir):
     return runs, unfinished
 
 
-PER_FACTOR = {  # score -> (its gap per factor: (L, K) MI matrix, metrics -> (K,)), what the row means
-    "mig": (lambda mi, m: mig_gaps(mi),
-            "The gap between the two latents that know the factor best; MIG is the mean of this row."),
-    "group_mig": (lambda mi, m: group_gaps(mi, m["content_latents"],
-                                           [m["factor_names"].index(n) for n in m["content_factors"]]),
-                  "Best latent of the factor's own group minus the best of the other group; group-MIG is the mean "
-                  "of this row."),
+def _top_gap(matrix):
+    """Per column of an (L, K) matrix: its largest entry minus its second largest."""
+    top = np.sort(np.asarray(matrix, float), axis=0)
+    return top[-1] - top[-2]
+
+
+PER_FACTOR = {  # score -> (metrics.json -> its value per factor (K,), what the row means)
+    "mig": (lambda m: _over_entropy(m, mig_gaps(np.array(m["mi_matrix"]))),
+            "MIG: the gap between the two latents that know the factor best, over H(v); MIG is the mean of this row."),
+    "group_mig": (lambda m: _over_entropy(m, group_gaps(np.array(m["mi_matrix"]), m["content_latents"],
+                                                        [m["factor_names"].index(n) for n in m["content_factors"]])),
+                  "group-MIG: best latent of the factor's own group minus the best of the other group, over H(v); "
+                  "group-MIG is the mean of this row."),
+    "sap": (lambda m: _top_gap(m["sap_matrix"]),
+            "SAP: the gap between the two latents whose linear SVM predicts the factor best; SAP is the mean of this "
+            "row."),
+    "dci_completeness": (lambda m: 1 - _entropy(np.array(m["dci_importance"]) + 1e-11, len(m["dci_importance"])),
+                         "DCI completeness per factor: 1 - the entropy (base L) of its importance over the latents; "
+                         "DCI completeness is their mean weighted by each factor's share of the importance."),
 }
 
 
+def _over_entropy(m, gaps):
+    H = np.array(m["factor_entropy"])
+    return gaps / np.where(H > 0, H, np.nan)  # NaN for one-valued factors
+
+
 def factor_gaps(m, score):
-    """Per factor of a run: its gap for `score` (a key of PER_FACTOR) over H(v_k) (NaN for one-valued factors)."""
-    mi, H = np.array(m["mi_matrix"]), np.array(m["factor_entropy"])
-    return PER_FACTOR[score][0](mi, m) / np.where(H > 0, H, np.nan)
+    """Per factor of a run: `score`'s value per factor (a key of PER_FACTOR; NaN where it is undefined)."""
+    return PER_FACTOR[score][0](m)
 
 
 def split_group_mig(m):
@@ -2488,24 +3020,26 @@ def results_table(rs, dataset, unfinished=()):
     scores = [k for k in SCORES if any(k in m for m in rs)]
     order = lambda key: (_model_order(key[0].split()[0]), key)  # noqa: E731
     labels = sorted({(run_label(m), m["steps"]) for m in rs}, key=order)
+    columns = [(k, s, f) for k in scores for s, f in (("mean", np.mean), ("median", np.median), ("best", np.max))
+               if k in PAPER_METRICS or s == "mean"]  # the paper's scores in full, the others' means
+    paper = [k for k in scores if k in PAPER_METRICS]
     lines = [f"## {dataset}", "", "| model | runs | steps | " + " | ".join(
-        f"{SCORES[k]} {s}" for k in scores for s in ("mean", "median", "best")) + " |",
-        "|---|---|---|" + "---|" * 3 * len(scores)]
+        f"{SCORES[k]} {s}" for k, s, _ in columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     for label, steps in labels:
         group = [m for m in rs if (run_label(m), m["steps"]) == (label, steps)]
         lines.append(f"| {label} | {len(group)} | {steps:,} | " + " | ".join(
-            _stat(group, k, f) for k in scores for f in (np.mean, np.median, np.max)) + " |")
+            _stat(group, k, f) for k, _, f in columns) + " |")
     lines += ["", "Per setting (mean over seeds; then each seed's score, in seed order):", "",
               "| model | beta | gamma | steps | runs | " + " | ".join(f"{SCORES[k]} mean" for k in scores) + " | "
-              + " | ".join(f"{SCORES[k]} per seed" for k in scores) + " |",
-              "|---|---|---|---|---|" + "---|" * 2 * len(scores)]
+              + " | ".join(f"{SCORES[k]} per seed" for k in paper) + " |",
+              "|---|---|---|---|---|" + "---|" * (len(scores) + len(paper))]
     by_setting = {key: sorted([m for m in rs if setting(m) == key], key=lambda m: m.get("seed", 0))
                   for key in sorted({setting(m) for m in rs}, key=order)}
     for (label, beta, gamma, steps), group in by_setting.items():
         seeds = lambda k: ", ".join(f"{m[k]:.3f}" if k in m else "-" for m in group)  # noqa: E731
         lines.append(f"| {label} | {beta:g} | {gamma:g} | {steps:,} | {len(group)} | "
                      + " | ".join(_stat(group, k, np.mean) for k in scores) + " | "
-                     + " | ".join(seeds(k) for k in scores) + " |")
+                     + " | ".join(seeds(k) for k in paper) + " |")
     waiting = collections.Counter(setting(u) for u in unfinished)
     if waiting:
         lines += ["", "Unfinished (not counted above): " + "; ".join(
@@ -2514,13 +3048,14 @@ def results_table(rs, dataset, unfinished=()):
     names = rs[0]["factor_names"]
     for score in (k for k in scores if k in PER_FACTOR):
         for split in sorted({_content(m) for m in rs}):  # one table per content split: its columns' marks
-            lines += ["", f"Per factor: {SCORES[score]} gap over H(v), mean over seeds (c: content factor, \\c: the "
-                      f"others). {PER_FACTOR[score][1]}", "",
+            lines += ["", f"Per factor, mean over seeds (c: content factor, \\c: the others). {PER_FACTOR[score][1]}",
+                      "",
                       "| model | beta | gamma | steps | " + " | ".join(("c: " if n in split else "\\c: ") + n
                                                                   for n in names) + " |",
                       "|---|---|---|---|" + "---|" * len(names)]
             for (label, beta, gamma, steps), group in by_setting.items():
-                if _content(group[0]) == split:
+                group = [m for m in group if score in m]
+                if group and _content(group[0]) == split:
                     gaps = np.nanmean([factor_gaps(m, score) for m in group], axis=0)
                     lines.append(f"| {label} | {beta:g} | {gamma:g} | {steps:,} | "
                                  + " | ".join(f"{g:.3f}" for g in gaps) + " |")
@@ -2534,9 +3069,13 @@ def figure_4(rs, dataset, path):
     main_runs = [m for m in rs if m.get("group_size", 2) == 2 and m.get("pairs", "groups") == "groups"
                  and (m["model"] != "group_tcvae" or m.get("tc_level", "inter") == "inter")]
     scores = [k for k in sorted(SCORES, key=lambda k: k != "group_mig") if any(k in m for m in main_runs)]
-    fig, axes = plt.subplots(1, max(len(scores), 1), figsize=(4.5 * max(len(scores), 1), 3.6), squeeze=False)
+    cols = min(max(len(scores), 1), 4)
+    rows = -(-max(len(scores), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(scores):]:
+        ax.axis("off")
     left_out = len(rs) - len(main_runs)
-    for ax, key in zip(axes[0], scores):
+    for ax, key in zip(axes.flat, scores):
         title = SCORES[key]
         values = [m[key] for m in main_runs if key in m]
         grid = np.linspace(min(values + [0.0]) - 0.05, max(values + [0.0]) + 0.05, 300)
@@ -2623,9 +3162,9 @@ def figure_scores(rs, dataset, path):
     if not settings:
         return
     plt = _plt()
-    fig, axes = plt.subplots(1, len(SCORES), figsize=(5 * len(SCORES), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(PAPER_METRICS), figsize=(5 * len(PAPER_METRICS), 3.8), squeeze=False)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (key, title) in zip(axes[0], SCORES.items()):
+    for ax, (key, title) in zip(axes[0], ((k, SCORES[k]) for k in PAPER_METRICS)):
         for j, row in enumerate(settings):
             color = cycle[j % len(cycle)]
             curves = [{int(r["step"]): float(r[key]) for r in logs[m["path"]] if r.get(key)}
@@ -2651,7 +3190,8 @@ def summarize(runs_dir):
                         "at a folder of finished runs")
     lines = [f"# Results: {len(runs)} runs under {runs_dir}" + (f" ({len(unfinished)} more unfinished)"
                                                                   if unfinished else ""), "",
-             "MIG and group-MIG: disentanglement_lib's discrete estimator (20 bins, encoder means).", ""]
+             "Scores as disentanglement_lib computes them, on encoder means (MIG: its discrete estimator, 20 bins; "
+             "README: Metrics).", ""]
     for dataset in sorted({m["dataset"] for m in runs}):
         rs = [m for m in runs if m["dataset"] == dataset]
         lines += results_table(rs, dataset, [u for u in unfinished if u["dataset"] == dataset])
@@ -2670,6 +3210,9 @@ def summarize(runs_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------------------------------------------
+DEFAULTS = vars(build_parser().parse_args([]))  # the flags' defaults, by name
+
+
 def main(argv=None):
     """Train, evaluate and plot one run or a sweep (or --eval-only / --summarize). Returns the exit status."""
     try:

@@ -16,6 +16,9 @@ Sections:
   gather  the cost of gathering a batch from a full-size in-memory uint8 array (file-backed data sets).
   mig     mig() against a reference built on sklearn.metrics.mutual_info_score per (latent, factor) pair, at
           N = 10,000 and N = 737,280 (needs scikit-learn; the program itself does not).
+  metrics DCI, SAP and modularity against sklearn's GradientBoostingClassifier() and LinearSVC at
+          disentanglement_lib's 10,000 / 5,000 points on dSprites' factor sizes (--dci-factors of them for
+          sklearn's DCI, which takes minutes on all five); not in the default set.
   sweep   run-steps/s of a sweep of S runs trained together (one step trains all S) against S single runs one
           after another (a single run's step, timed in alternating blocks), for S in --sizes and each model in
           --models; the memory each run adds (host RSS on the CPU, allocated memory on CUDA); checkpoint size and
@@ -255,6 +258,67 @@ def bench_mig():
     return results
 
 
+def bench_metrics(dci_factors):
+    """DCI, SAP and modularity against their sklearn-based references (GradientBoostingClassifier(),
+    LinearSVC(C=0.01, class_weight="balanced"), as disentanglement_lib calls them) at DL's 10,000 / 5,000 points on
+    dSprites' factor sizes, in the same run. sklearn's DCI takes minutes: dci_factors (the first of dSprites' factors,
+    shape (3), scale (6), orientation (40), ...) bounds the side-by-side part; ours also runs on every factor."""
+    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.svm import LinearSVC
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        f = np.stack([rng.integers(0, s, n) for s in gt.DSPRITES_SIZES], 1)
+        z = 0.3 * rng.standard_normal((n, 10))
+        z[:, :5] += f / np.array(gt.DSPRITES_SIZES)  # a code per factor, the rest noise
+        return z, f
+    (z, f), (zt, ft) = draw(10_000), draw(5_000)
+    gt.dci(z[:200], f[:200, :2], zt[:100], ft[:100, :2])  # compile (or load) the kernels
+    gt.sap(z[:200], f[:200], zt[:100], ft[:100])
+    gt.modularity(z[:200], f[:200])
+    results = {}
+    K = dci_factors
+    t0 = time.perf_counter()
+    ours = gt.dci(z, f[:, :K], zt, ft[:, :K])
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    R, acc = np.zeros((10, K)), []
+    for k in range(K):
+        g = GradientBoostingClassifier().fit(z, f[:, k])
+        R[:, k] = g.feature_importances_
+        acc.append(np.mean(g.predict(zt) == ft[:, k]))
+    t_ref = time.perf_counter() - t0
+    d, c = gt.dci_from_importance(R)
+    diff = max(abs(ours["disentanglement"] - d), abs(ours["completeness"] - c),
+               abs(ours["informativeness_test"] - np.mean(acc)))
+    trees = 100 * sum(s if s > 2 else 1 for s in gt.DSPRITES_SIZES[:K])
+    results["dci"] = {"factors": K, "trees": trees, "grouptc_s": t_ours, "sklearn_s": t_ref,
+                      "speedup": t_ref / t_ours, "max_abs_diff": diff}
+    print(f"dci   {K} factors ({trees:,} trees), 10,000 / 5,000 points: grouptc {t_ours:7.2f} s   sklearn "
+          f"{t_ref:7.2f} s   {t_ref / t_ours:5.1f}x   max |difference| of D, C, I {diff:.4f}", flush=True)
+    t0 = time.perf_counter()
+    gt.dci(z, f, zt, ft)
+    t_all = time.perf_counter() - t0
+    results["dci_all_factors_s"] = t_all
+    print(f"dci   every dSprites factor (11,300 trees): grouptc {t_all:7.2f} s", flush=True)
+    t0 = time.perf_counter()
+    S = gt.sap_matrix(z, f, zt, ft)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = np.array([[np.mean(LinearSVC(C=0.01, class_weight="balanced").fit(z[:, i:i + 1], f[:, k])
+                             .predict(zt[:, i:i + 1]) == ft[:, k]) for k in range(f.shape[1])] for i in range(10)])
+    t_ref = time.perf_counter() - t0
+    results["sap"] = {"grouptc_s": t_ours, "sklearn_s": t_ref, "speedup": t_ref / t_ours,
+                      "max_abs_diff_matrix": float(np.abs(S - ref).max())}
+    print(f"sap   10 codes x 5 factors: grouptc {t_ours:7.3f} s   sklearn {t_ref:7.2f} s   {t_ref / t_ours:5.1f}x   "
+          f"max |difference| of the score matrix {np.abs(S - ref).max():.4f}", flush=True)
+    t0 = time.perf_counter()
+    gt.modularity(z, f)
+    results["modularity_s"] = time.perf_counter() - t0
+    print(f"modularity: grouptc {results['modularity_s']:.4f} s (the MI matrix MIG uses)", flush=True)
+    return results
+
+
 def write_full_size_files(data_dir, device):
     data_dir.mkdir(parents=True, exist_ok=True)
     npz = data_dir / gt.DSPRITES_NPZ
@@ -313,7 +377,9 @@ def bench_load(data_dir, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", default=["step", "render", "gather", "mig", "load"],
-                   choices=["step", "render", "gather", "mig", "load", "sweep"])
+                   choices=["step", "render", "gather", "mig", "load", "sweep", "metrics"])
+    p.add_argument("--dci-factors", type=int, default=2, choices=range(1, 6),
+                   help="metrics section: dSprites factors timed against sklearn's DCI (all 5: minutes)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="sweep sizes S (sweep section)")
     p.add_argument("--models", nargs="+", default=list(gt.MODELS), choices=list(gt.MODELS), help="sweep section")
     p.add_argument("--baseline", default=None, metavar="GROUPTC_PY",
@@ -348,6 +414,8 @@ def main():
         results["gather"] = bench_gather(device)
     if "mig" in args.only:
         results["mig"] = bench_mig()
+    if "metrics" in args.only:
+        results["metrics"] = bench_metrics(args.dci_factors)
     if "load" in args.only:
         results["load"] = bench_load(Path(args.data_dir), device)  # loading itself runs on the CPU
     if args.json:
