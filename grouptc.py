@@ -1093,7 +1093,7 @@ def _same_flag(key, typed, saved_value, saved):
 
 
 def public_args(args):
-    return {k: v for k, v in vars(args).items() if k not in ("given", "sweep", "parent")}
+    return {k: v for k, v in vars(args).items() if k not in ("given", "sweep", "parent", "discovered")}
 
 
 class CsvLog:
@@ -1780,7 +1780,8 @@ def run_name(args):
 
 def looks_like_run_name(name):
     """Whether a folder name is in run_name()'s form (a folder a user named otherwise is not checked by it)."""
-    return re.fullmatch(rf"({'|'.join(MODELS)})_.+_seed\d+", name) is not None
+    return re.fullmatch(rf"({'|'.join(MODELS)})_({'|'.join(DATASETS)})_beta[^_]+_gamma[^_]+_gs\d+_tc-.+_seed\d+",
+                        name) is not None
 
 
 def identity(args):
@@ -1814,7 +1815,7 @@ def expand(args):
     a sweep, whose runs each go in a folder of its own under --out, named by run_name(). --resume on a folder of
     runs without --model continues the runs found there (discover()). Sets args.sweep and args.out."""
     if args.resume and args.out is not None and "model" not in args.given and runs_below(args.out):
-        args.sweep = True
+        args.sweep = args.discovered = True
         return discover(args)
     spec = MODELS[args.model]
     args.beta = [spec.beta] if args.beta is None else list(args.beta)
@@ -1840,7 +1841,7 @@ def expand(args):
     if others and not any(is_run(m.out) for m in members):
         raise UserError(f"--resume: none of the {len(members)} runs this command names is in {args.out}, which holds "
                         f"{len(others)} other runs (such as {others[0].name}); leave out --model to continue those, "
-                        "or --resume to start these")
+                        "or leave out --resume to start these")
     return members
 
 
@@ -1861,6 +1862,9 @@ def discover(args):
     flags select among them; what selects none is refused."""
     chosen, found = [], runs_below(args.out)
     for folder in found:
+        if not ((folder / "checkpoint.pt").is_file() or (folder / "config.json").is_file()):
+            print(f"{folder}: an evaluated run without its checkpoint or config; nothing to resume", file=sys.stderr)
+            continue
         saved, path = saved_flags(folder)
         flags = read_flags(saved, path)
         if not all(getattr(flags, k, None) in getattr(args, k) if k in LIST_FLAGS else
@@ -2126,6 +2130,7 @@ def train_sweep(args, members):
                 together.setdefault(key, []).append((m, checkpoint))
         failed = 0
         for key in sorted(together):
+            check_memory([m for m, _ in together[key]])
             runs, alive = train(*map(list, zip(*together[key])), sweep=True)
             failed += len(runs) - len(alive)
             for k in alive:
@@ -2631,7 +2636,7 @@ SCORES = {  # what evaluate() can score: metrics.json key -> name in tables and 
 METRICS = {  # --metrics: a metric -> the scores it gives
     "mig": ("mig",), "group_mig": ("group_mig",), "modularity": ("modularity",), "sap": ("sap",),
     "dci": ("dci_disentanglement", "dci_completeness", "dci_informativeness"), "factor_vae": ("factor_vae_score",)}
-CHEAP_METRICS = ("mig", "group_mig", "modularity", "sap")  # seconds on a CPU; dci about a minute, factor_vae more
+CHEAP_METRICS = ("mig", "group_mig", "modularity", "sap")  # seconds on a CPU; dci ~25 s a core, factor_vae more
 PAPER_METRICS = ("mig", "group_mig")  # the scores over training (--eval-every)
 
 
@@ -2929,7 +2934,7 @@ def load_runs(runs_dir):
     evaluated at their --steps are left out, with a line each.
     -> (runs, unfinished: the flags of the runs left out)."""
     runs, unfinished, seen = [], [], {}
-    for folder in runs_below(runs_dir):
+    for folder in [Path(runs_dir)] if is_run(runs_dir) else runs_below(runs_dir):
         path, config = folder / "metrics.json", folder / "config.json"
         try:
             flags = DEFAULTS | json.loads(config.read_text()) if config.is_file() else None
@@ -2960,7 +2965,7 @@ def load_runs(runs_dir):
                   file=sys.stderr)
             unfinished.append(flags | {"path": str(folder)})
             continue
-        key = (setting(m), m.get("seed"))
+        key = (m["dataset"], setting(m), m.get("seed"))
         if key in seen:
             print(f"{folder} holds the same run as {seen[key]} (same settings, seed and steps): counted once",
                   file=sys.stderr)
@@ -2970,12 +2975,6 @@ def load_runs(runs_dir):
     return runs, unfinished
 
 
-def _top_gap(matrix):
-    """Per column of an (L, K) matrix: its largest entry minus its second largest."""
-    top = np.sort(np.asarray(matrix, float), axis=0)
-    return top[-1] - top[-2]
-
-
 PER_FACTOR = {  # score -> (metrics.json -> its value per factor (K,), what the row means)
     "mig": (lambda m: _over_entropy(m, mig_gaps(np.array(m["mi_matrix"]))),
             "MIG: the gap between the two latents that know the factor best, over H(v); MIG is the mean of this row."),
@@ -2983,7 +2982,7 @@ PER_FACTOR = {  # score -> (metrics.json -> its value per factor (K,), what the 
                                                         [m["factor_names"].index(n) for n in m["content_factors"]])),
                   "group-MIG: best latent of the factor's own group minus the best of the other group, over H(v); "
                   "group-MIG is the mean of this row."),
-    "sap": (lambda m: _top_gap(m["sap_matrix"]),
+    "sap": (lambda m: mig_gaps(np.array(m["sap_matrix"])),
             "SAP: the gap between the two latents whose linear SVM predicts the factor best; SAP is the mean of this "
             "row."),
     "dci_completeness": (lambda m: 1 - _entropy(np.array(m["dci_importance"]) + 1e-11, len(m["dci_importance"])),
@@ -3230,7 +3229,8 @@ def main(argv=None):
             check_run_folder(args.out)
         try:
             if args.sweep:
-                check_memory(members)
+                if not getattr(args, "discovered", False):  # found runs: checked per set that trains together
+                    check_memory(members)
                 return train_sweep(args, members)
             with RunFolderLock(args.out):  # one process writes a run folder at a time
                 if args.eval_only:

@@ -165,12 +165,13 @@ done
 ABLATION_BETA=$(exact "$ABLATION_BETA"); ABLATION_GAMMA=$(exact "$ABLATION_GAMMA")
 TCVAE_SETTINGS=($(for bg in "${TCVAE_SETTINGS[@]:+${TCVAE_SETTINGS[@]}}"; do
   echo "$(exact "${bg%%:*}"):$(exact "${bg##*:}")"; done))
+SEEDS=($(for s in "${SEEDS[@]}"; do echo $((10#$s)); done))  # 007 -> 7, as the program reads it (exactly)
+GROUP_SIZES=($(for gs in "${GROUP_SIZES[@]}"; do echo $((10#$gs)); done))
 for v in DATASETS SEEDS BASE_BETAS TCVAE_BETAS TCVAE_GAMMAS TCVAE_SETTINGS MLVAE_BETAS GVAE_BETAS ADA_MODELS \
   ADA_BETAS PAIRS ONLY_MODELS GROUP_SIZES TC_LEVELS; do  # a value twice would name one run twice
   eval "dup=\$(printf '%s\\n' \"\${$v[@]:+\${$v[@]}}\" | sort | uniq -d | head -n 1)"
   [ -z "$dup" ] || die "$v lists '$dup' twice (numbers compared exactly); list each value once"
 done
-SEEDS=($(exact "${SEEDS[@]}"))  # 007 -> 7, as the program reads it
 
 CMDS=()     # one command per process: a run, or a sweep of runs trained together
 LOGS=()     # where its output goes

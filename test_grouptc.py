@@ -1362,6 +1362,8 @@ def test_a_run_name_is_every_run_defining_flag_exactly():
     assert name(content_factors="orientation,shape,scale") == name()  # the default split, typed in another order
     assert name(k=3) == name()  # k means nothing on group pairs
     assert all(gt.looks_like_run_name(n) for n in names) and not gt.looks_like_run_name("gvae-dsprites-seed0")
+    assert not gt.looks_like_run_name("gvae_mytest_seed0")  # a user's own name, and earlier versions' names:
+    assert not gt.looks_like_run_name("gvae_beta1_gamma0_gs2_tc-inter_seed0")  # not checked against settings
 
 
 def test_a_folder_is_a_run_or_a_parent_of_runs_never_both(tmp_path, capsys):
@@ -1473,6 +1475,17 @@ def test_the_summary_pools_only_comparable_runs_and_counts_each_once(tmp_path, c
     assert "Unfinished (not counted above): gvae, beta 1, gamma 0, 10 steps: 1 run; gvae, beta 1, gamma 0, 400 " \
            "steps: 1 run." in table
     assert "| model | beta | gamma | steps | c: shape | \\c: scale |" in table  # the other split's own header
+    shapes = tmp_path / "on_shapes3d"  # the same settings and seed on another data set: another run
+    metrics(shapes, dataset="shapes3d_procedural", factor_names=list(gt.SHAPES3D_FACTORS),
+            mi_matrix=rng.uniform(0, 1, (10, 6)).tolist(), factor_entropy=[2.3] * 6,
+            content_factors=list(gt.SHAPES3D_CONTENT))
+    assert gt.main(["--summarize", str(tmp_path)]) == 0
+    assert "## shapes3d_procedural" in (tmp_path / "results.md").read_text()
+    assert gt.main(["--summarize", str(shapes)]) == 0  # one run's folder summarises that run
+    assert "# Results: 1 runs" in (shapes / "results.md").read_text()
+    shutil.rmtree(shapes)
+    for f in (tmp_path / "results.md", *tmp_path.glob("*_shapes3d_procedural.png")):
+        f.unlink()
     for other in ("a", "copy_of_a", "b", "c", "d"):
         m = json.loads((tmp_path / other / "metrics.json").read_text())
         (tmp_path / other / "metrics.json").write_text(json.dumps(m | {"model": "group_tcvae", "gamma": 8.0}))
