@@ -1712,10 +1712,10 @@ def parse_args(argv=None):
     return args
 
 
-def read_flags(saved, path, lists=False):
+def read_flags(saved, path):
     """Flags saved by this program (a config.json, a checkpoint's args) -> a Namespace of those this
     program knows, read by the same parser as typed flags, so that they pass the same checks. --seed, --beta and
-    --gamma come back as lists when `lists`, else as the single value a run holds."""
+    --gamma come back as the single value a run holds."""
     def refuse(message):
         raise UserError(f"{path} holds a flag this program refuses: {message}")
 
@@ -1737,12 +1737,11 @@ def read_flags(saved, path, lists=False):
         else:
             refuse(f"{flag} must be a {'list of numbers' if key in LIST_FLAGS else 'number or text'}, got {value!r}")
     flags = parser.parse_args(argv)
-    if not lists:
-        for key in LIST_FLAGS:
-            if hasattr(flags, key):
-                if len(getattr(flags, key)) != 1:
-                    refuse(f"--{key} must be a single value for one run, got {getattr(flags, key)}")
-                setattr(flags, key, getattr(flags, key)[0])
+    for key in LIST_FLAGS:
+        if hasattr(flags, key):
+            if len(getattr(flags, key)) != 1:
+                refuse(f"--{key} must be a single value for one run, got {getattr(flags, key)}")
+            setattr(flags, key, getattr(flags, key)[0])
     return flags
 
 
@@ -2355,17 +2354,19 @@ def sorted_words(x):
     return words
 
 
-def gbt_classifier(codes, labels, test_codes, seed=0, n_stages=100, learning_rate=0.1, max_depth=3):
+def gbt_classifier(codes, labels, test_codes, seed=0, n_stages=100, learning_rate=0.1, max_depth=3, words=None):
     """Fit sklearn's GradientBoostingClassifier() (defaults: 100 stages, depth 3, rate 0.1, log-loss, subsample 1,
     min_samples_split 2, min_samples_leaf 1; friedman_mse picks the same splits as squared error, which sklearn
     1.9.1 uses) on codes (N, L) and labels (N,) in 0..C-1 (C >= 2, all present). Codes are rounded to float32 as
     sklearn does. seed only breaks exact ties between features (sklearn: random_state).
     feature_importances_ = the trees' summed impurity decreases, normalised to sum 1 (sklearn averages the trees'
     unnormalised importances, then normalises: the same).
+    words: sorted_words() of the float32 codes, when the caller fits several classifiers on them.
     -> (feature_importances_ (L,), train predictions (N,), test predictions (M,)), predictions as label indices."""
     _compile_kernels()
     x = np.ascontiguousarray(codes, dtype=np.float32)
-    imp, raw, raw_test = _gbt(x, sorted_words(x), np.ascontiguousarray(labels, dtype=np.int64), int(labels.max()) + 1,
+    words = sorted_words(x) if words is None else words
+    imp, raw, raw_test = _gbt(x, words, np.ascontiguousarray(labels, dtype=np.int64), int(labels.max()) + 1,
                               np.ascontiguousarray(test_codes, dtype=np.float32), seed, n_stages, learning_rate,
                               max_depth)
 
@@ -2407,13 +2408,14 @@ def dci(codes, factors, test_codes, test_factors, seed=0):
     codes, test_codes = np.asarray(codes, np.float64), np.asarray(test_codes, np.float64)
     L, K = codes.shape[1], factors.shape[1]
     _compile_kernels()
+    words = sorted_words(codes.astype(np.float32))  # one sort of the codes serves every factor's trees
 
     def fit(k):
         C, y, y_test = _classes(factors[:, k], test_factors[:, k])
         if C < 2:
             r, p, p_test = np.zeros(L), np.zeros(len(y), np.int64), np.zeros(len(y_test), np.int64)
         else:
-            r, p, p_test = gbt_classifier(codes, y, test_codes, seed + k)
+            r, p, p_test = gbt_classifier(codes, y, test_codes, seed + k, words=words)
         return r, np.mean(p == y), np.mean(p_test == y_test)
     order = sorted(range(K), key=lambda k: -len(np.unique(factors[:, k])))  # the costliest first
     with concurrent.futures.ThreadPoolExecutor(max(1, min(K, torch.get_num_threads()))) as pool:
@@ -2901,8 +2903,9 @@ def run_label(m):
     for what, differs in ((f"group size {m.get('group_size')}", m.get("group_size", 2) != 2),
                           (f"TC {tc}", m["model"] == "group_tcvae" and tc != "inter"),
                           (f"{m.get('pairs')}, k {m.get('k', 'rnd')}", m.get("pairs", "groups") != "groups"),
-                          (f"batch {m.get('batch_size')}", m.get("batch_size", 32) != 32),
-                          (f"z {latent}, z_c {content}", (latent, content) != (10, 5)),
+                          (f"batch {m.get('batch_size')}", m.get("batch_size", 32) != DEFAULTS["batch_size"]),
+                          (f"z {latent}, z_c {content}",
+                           (latent, content) != (DEFAULTS["latent_dim"], DEFAULTS["content_dims"])),
                           (f"content {','.join(_content(m))}", default is not None and _content(m) != default)):
         label += f" ({what})" if differs else ""
     return label
