@@ -82,6 +82,7 @@ ABLATION_GAMMA=${ABLATION_GAMMA-8}
 DEVICE=${DEVICE-auto}
 EVAL_SAMPLES=${EVAL_SAMPLES-10000}
 EVAL_EVERY=${EVAL_EVERY-0}  # steps between evaluations during training (scores.csv); 0: only at the end
+METRICS=${METRICS-}  # what the final evaluation scores (grouptc.py --metrics: all, or a comma list); unset: its default
 LOG_EVERY=${LOG_EVERY-500}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY-5000}
 GPUS=(${GPUS:-})
@@ -115,6 +116,10 @@ done
   die "OMP_NUM_THREADS must be a positive whole number when set, got '$OMP_NUM_THREADS'"
 [[ $EVAL_SAMPLES =~ ^[0-9]+$ ]] || die "EVAL_SAMPLES must be a whole number (0: every point), got '$EVAL_SAMPLES'"
 [[ $EVAL_EVERY =~ ^[0-9]+$ ]] || die "EVAL_EVERY must be a whole number (0: only at the end), got '$EVAL_EVERY'"
+if [ -n "$METRICS" ]; then
+  $PYTHON -c 'import sys, grouptc; grouptc.parse_metrics(sys.argv[1])' "$METRICS" 2>/dev/null ||
+    die "METRICS must be all or a comma list of grouptc.py's metrics (see its --help at --metrics), got '$METRICS'"
+fi
 for s in "${SEEDS[@]}"; do [[ $s =~ ^[0-9]+$ ]] || die "SEEDS must be whole numbers, got '$s'"; done
 for n in "${TCVAE_BETAS[@]}" "${TCVAE_GAMMAS[@]}" "${MLVAE_BETAS[@]}" "${GVAE_BETAS[@]}" "${ADA_BETAS[@]}" \
   "$ABLATION_BETA" "$ABLATION_GAMMA"; do
@@ -200,7 +205,7 @@ add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" PAIRS:
   CMDS+=("$PYTHON grouptc.py --model $m --dataset $d --data-dir $DATA_DIR --steps $STEPS --batch-size $BATCH_SIZE \
 --group-size $gs --beta ${betas// /,} --gamma ${gammas// /,} --tc-level $tc --content-factors $(content_factors "$d") \
 --latent-dim 10 --content-dims 5 --seed ${seeds// /,} --device $DEVICE --eval-samples $EVAL_SAMPLES \
---pairs $pairs ${kind:+--k $K }--eval-every $EVAL_EVERY --log-every $LOG_EVERY --checkpoint-every $CHECKPOINT_EVERY \
+--pairs $pairs ${kind:+--k $K }${METRICS:+--metrics $METRICS }--eval-every $EVAL_EVERY --log-every $LOG_EVERY --checkpoint-every $CHECKPOINT_EVERY \
 --out $out")
 }
 emit() {  # emit DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" [PAIRS]: their runs, at most SWEEP_SIZE
