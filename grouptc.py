@@ -475,26 +475,17 @@ def mutual_info_matrix(codes, factors, n_bins=20):
     return mutual_info_and_entropy(codes, factors, n_bins)[0]
 
 
-def _gap_score(gaps, H):
-    """mean over factors with H > 0 of gap / H; factors with one value are left out."""
+def gap_score(gaps, H):
+    """MIG's and group-MIG's score from their (K,) gaps per factor: the mean over factors of gap / H(v_k), factors
+    with one value (H = 0) left out."""
     keep = H > 0
     return float(np.mean(gaps[keep] / H[keep]))
-
-
-def mig_from_matrix(mi, H):
-    """MIG from an (L, K) MI matrix and the (K,) factor entropies."""
-    return _gap_score(mig_gaps(mi), H)
 
 
 def mig_gaps(mi):
     """Per factor: the largest I(z_i; v_k) over the latents minus the second largest. (L, K) -> (K,)"""
     top = np.sort(mi, axis=0)[::-1]
     return top[0] - top[1]
-
-
-def group_mig_from_matrix(mi, H, content_latents, content_factors):
-    """group-MIG from an (L, K) MI matrix and the (K,) factor entropies (see group_mig)."""
-    return _gap_score(group_gaps(mi, content_latents, content_factors), H)
 
 
 def group_gaps(mi, content_latents, content_factors):
@@ -513,7 +504,8 @@ def group_gaps(mi, content_latents, content_factors):
 def mig(codes, factors, n_bins=20):
     """Mutual Information Gap (disentanglement_lib's discrete MIG): mean over factors of the gap between the two
     largest I(z_i; v_k), over H(v_k). Factors with one value are left out."""
-    return mig_from_matrix(*mutual_info_and_entropy(codes, factors, n_bins))
+    mi, H = mutual_info_and_entropy(codes, factors, n_bins)
+    return gap_score(mig_gaps(mi), H)
 
 
 def group_mig(codes, factors, content_latents, content_factors, n_bins=20):
@@ -521,7 +513,7 @@ def group_mig(codes, factors, content_latents, content_factors, n_bins=20):
     over the other latents) / H(v_k). Negative when information sits in the wrong group. content_latents: indices
     of the z_c dims (columns of `codes`); content_factors: indices of the content factors (columns of `factors`)."""
     mi, H = mutual_info_and_entropy(codes, factors, n_bins)
-    return group_mig_from_matrix(mi, H, content_latents, content_factors)
+    return gap_score(group_gaps(mi, content_latents, content_factors), H)
 
 
 
@@ -1085,11 +1077,10 @@ def _same_flag(key, typed, saved_value, saved):
     """Whether a flag typed anew says what the saved one says (the default content factors, typed out, do)."""
     if key == "k" and saved.get("pairs", "groups") == "groups":
         return True  # --k means nothing on the paper's group pairs
-    if key != "content_factors":
-        return typed == saved_value
-    defaults = DEFAULT_CONTENT.get(saved.get("dataset"), ())
-    names = lambda v: set(defaults) if v is None else {n.strip() for n in str(v).split(",") if n.strip()}  # noqa
-    return names(typed) == names(saved_value)
+    if key == "content_factors":
+        return content_names(saved | {"content_factors": typed}) == content_names(saved | {"content_factors":
+                                                                                            saved_value})
+    return typed == saved_value
 
 
 def public_args(args):
@@ -1752,11 +1743,12 @@ def _exact(x):
     return text[:-2] if text.endswith(".0") else text
 
 
-def content_names(args):
-    """A run's content factors as names in the data set's order (--content-factors typed in any order, or left
-    to the data set's default, says one thing one way)."""
-    names = DATASET_FACTORS[args.dataset]
-    chosen = DEFAULT_CONTENT[args.dataset] if args.content_factors is None else args.content_factors
+def content_names(m):
+    """A run's content factors as names in the data set's order, so that --content-factors typed in any order, or
+    left to the data set's default, says one thing one way (m: a run's flags, a config's or a metrics.json)."""
+    m = vars(m) if isinstance(m, argparse.Namespace) else m
+    names = DATASET_FACTORS.get(m["dataset"]) or m.get("factor_names", ())
+    chosen = m.get("content_factors") or DEFAULT_CONTENT.get(m["dataset"], ())
     return tuple(names[k] for k in resolve_factors(chosen, list(names)))
 
 
@@ -2581,14 +2573,16 @@ def factor_vae_accuracy(train_factor, train_dim, eval_factor, eval_dim, n_factor
 
 
 def factor_vae_score(encode, factor_sizes, rng, n_train=10_000, n_eval=5_000, n_var=10_000, batch_size=64,
-                     prune=0.05, votes_per_call=256):
+                     prune=0.05, votes_per_call=256, progress=None):
     """DL's FactorVAE score. encode: (M, K) int64 factor classes -> (M, L) codes (the encoder means); it is called
     on n_var points, then on votes_per_call * batch_size points at a time. rng: numpy Generator (or seed).
     Global var (ddof 1) of n_var uniform points; dims with std < prune are dropped (DL's study: 0.05; its function
     default: 0). A vote: factor k uniform; batch_size uniform factor vectors, column k set to the first row's value;
     argmin over active dims of var(ddof 1) / global var. Majority-vote classifier from n_train votes, scored on
-    n_eval fresh ones. -> dict: eval_accuracy (the score; 0 without an active dim), train_accuracy, n_active."""
+    n_eval fresh ones. progress: None, or called with (points encoded, points in all) after each call of encode.
+    -> dict: eval_accuracy (the score; 0 without an active dim), train_accuracy, n_active."""
     rng = np.random.default_rng(rng)
+    total, done = n_var + (n_train + n_eval) * batch_size, [n_var]
     sizes = np.asarray(factor_sizes, np.int64)
     K = len(sizes)
     global_var = np.asarray(encode(rng.integers(0, sizes, (n_var, K))), np.float64).var(0, ddof=1)
@@ -2604,6 +2598,9 @@ def factor_vae_score(encode, factor_sizes, rng, n_train=10_000, n_eval=5_000, n_
             f = rng.integers(0, sizes, (m, batch_size, K))
             f[np.arange(m), :, k] = f[np.arange(m), 0, k][:, None]
             codes = np.asarray(encode(f.reshape(m * batch_size, K)), np.float64).reshape(m, batch_size, -1)
+            done[0] += m * batch_size
+            if progress:
+                progress(done[0], total)
             ks.append(k)
             dims.append(factor_vae_votes(codes, global_var, active))
         return np.concatenate(ks), np.concatenate(dims)
@@ -2619,13 +2616,14 @@ def factor_vae_score(encode, factor_sizes, rng, n_train=10_000, n_eval=5_000, n_
 # Evaluation and figures: the scores of a run, Figure 3(a), Figure 5, the training curves.
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_means(vae, data, classes, batch=1024):
+def encode_means(vae, data, classes, batch=1024, progress=True):
     """(N, K) classes -> (N, L) encoder means as float64 numpy, encoded in batches on the data's device."""
     vae.eval()
     codes = []
     for i in range(0, len(classes), batch):
         codes.append(vae.encode(data.images(classes[i:i + batch]))[0].float().cpu())
-        _progress(f"encoding {len(classes):,} points", i + len(codes[-1]), len(classes))
+        if progress:
+            _progress(f"encoding {len(classes):,} points", i + len(codes[-1]), len(classes))
     vae.train()
     return torch.cat(codes).double().numpy()
 
@@ -2666,8 +2664,8 @@ def evaluate(vae, data, content_factors, content_dims, n_samples=10_000, seed=0,
     mi, H = mutual_info_and_entropy(codes, factors)
     L = codes.shape[1]
     content_latents = list(range(L - content_dims, L))
-    scores = {"mig": mig_from_matrix(mi, H),
-              "group_mig": group_mig_from_matrix(mi, H, content_latents, content_factors)}
+    scores = {"mig": gap_score(mig_gaps(mi), H), "group_mig": gap_score(group_gaps(mi, content_latents,
+                                                                                 content_factors), H)}
     if "modularity" in metrics:
         scores["modularity"] = modularity_from_matrix(mi)
     if "sap" in metrics or "dci" in metrics:
@@ -2683,8 +2681,9 @@ def evaluate(vae, data, content_factors, content_dims, n_samples=10_000, seed=0,
                        "dci_informativeness_train": d["informativeness_train"],
                        "dci_importance": d["importance_matrix"].tolist()}
     if "factor_vae" in metrics:
-        encode = lambda c: encode_means(vae, data, torch.as_tensor(c, device=data.device))  # noqa: E731
-        scores["factor_vae_score"] = factor_vae_score(encode, data.factor_sizes, seed + 9)["eval_accuracy"]
+        encode = lambda c: encode_means(vae, data, torch.as_tensor(c, device=data.device), progress=False)  # noqa
+        scores["factor_vae_score"] = factor_vae_score(encode, data.factor_sizes, seed + 9, progress=lambda done, n:
+                                                      _progress("FactorVAE score, encoding", done, n))["eval_accuracy"]
     scores |= {"mi_matrix": mi.tolist(), "factor_entropy": H.tolist(), "factor_names": list(data.factor_names),
                "content_factors": [data.factor_names[k] for k in content_factors], "content_latents": content_latents,
                "eval_samples": len(codes), "metrics": list(metrics),
@@ -2906,7 +2905,7 @@ def run_label(m):
                           (f"batch {m.get('batch_size')}", m.get("batch_size", 32) != DEFAULTS["batch_size"]),
                           (f"z {latent}, z_c {content}",
                            (latent, content) != (DEFAULTS["latent_dim"], DEFAULTS["content_dims"])),
-                          (f"content {','.join(_content(m))}", default is not None and _content(m) != default)):
+                          (f"content {','.join(content_names(m))}", default is not None and content_names(m) != default)):
         label += f" ({what})" if differs else ""
     return label
 
@@ -2916,14 +2915,6 @@ def _dims(m):
     if "latent_dim" in m:
         return m["latent_dim"], m["content_dims"]
     return len(m["mi_matrix"]), len(m["content_latents"])
-
-
-def _content(m):
-    """The content factors' names in the data set's order (a config's flags may leave them to the default)."""
-    names = DATASET_FACTORS.get(m["dataset"], m.get("factor_names", ()))
-    chosen = m.get("content_factors") or DEFAULT_CONTENT.get(m["dataset"], ())
-    chosen = chosen.split(",") if isinstance(chosen, str) else chosen
-    return tuple(n for n in names if n in {c.strip() for c in chosen})
 
 
 def setting(m):
@@ -2999,14 +2990,9 @@ def _over_entropy(m, gaps):
     return gaps / np.where(H > 0, H, np.nan)  # NaN for one-valued factors
 
 
-def factor_gaps(m, score):
-    """Per factor of a run: `score`'s value per factor (a key of PER_FACTOR; NaN where it is undefined)."""
-    return PER_FACTOR[score][0](m)
-
-
 def split_group_mig(m):
     """group-MIG over the content factors alone and over the non-content factors alone (Figure 3b)."""
-    per_factor = factor_gaps(m, "group_mig")
+    per_factor = PER_FACTOR["group_mig"][0](m)
     is_content = np.isin(m["factor_names"], m["content_factors"])
     return float(np.nanmean(per_factor[is_content])), float(np.nanmean(per_factor[~is_content]))
 
@@ -3049,7 +3035,7 @@ def results_table(rs, dataset, unfinished=()):
             for (label, beta, gamma, steps), n in sorted(waiting.items(), key=lambda kv: order(kv[0]))) + "."]
     names = rs[0]["factor_names"]
     for score in (k for k in scores if k in PER_FACTOR):
-        for split in sorted({_content(m) for m in rs}):  # one table per content split: its columns' marks
+        for split in sorted({content_names(m) for m in rs}):  # one table per content split: its columns' marks
             lines += ["", f"Per factor, mean over seeds (c: content factor, \\c: the others). {PER_FACTOR[score][1]}",
                       "",
                       "| model | beta | gamma | steps | " + " | ".join(("c: " if n in split else "\\c: ") + n
@@ -3057,8 +3043,8 @@ def results_table(rs, dataset, unfinished=()):
                       "|---|---|---|---|" + "---|" * len(names)]
             for (label, beta, gamma, steps), group in by_setting.items():
                 group = [m for m in group if score in m]
-                if group and _content(group[0]) == split:
-                    gaps = np.nanmean([factor_gaps(m, score) for m in group], axis=0)
+                if group and content_names(group[0]) == split:
+                    gaps = np.nanmean([PER_FACTOR[score][0](m) for m in group], axis=0)
                     lines.append(f"| {label} | {beta:g} | {gamma:g} | {steps:,} | "
                                  + " | ".join(f"{g:.3f}" for g in gaps) + " |")
     return lines + [""]
