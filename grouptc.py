@@ -1994,15 +1994,12 @@ def train(members, checkpoints, sweep=False):
 
     stop = StopRequest()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    listed = lambda key: ", ".join(f"{v:g}" for v in sorted({getattr(m, key) for m in members}))  # noqa: E731
-    what = (f"{S} run{'s' * (S > 1)} (seed {', '.join(str(s) for s in sorted({m.seed for m in members}))}; beta "
-            f"{listed('beta')}"
-            + (f"; gamma {listed('gamma')}" if a.model == "group_tcvae" else "") + ")" if sweep else
-            f"beta {a.beta:g}" + (f", gamma {a.gamma:g}" if a.model == "group_tcvae" else ""))
-    print(f"training {a.model} on {runs.runs[0].data.name} ({device}): {a.steps:,} steps of {a.batch_size} groups of "
-          f"{a.group_size}, {what}" + (f", TC level {a.tc_level}" if a.model == "group_tcvae" else "")
-          + (f", {a.pairs} pairs (k {a.k})" if a.pairs != "groups" else ""),
-          file=sys.stderr)
+    listed = lambda key: ",".join(f"{v:g}" for v in sorted({getattr(m, key) for m in members}))  # noqa: E731
+    flags = ["seed"] * sweep + ["beta"] + ["gamma"] * (a.model == "group_tcvae")
+    print(f"training {a.model} on {runs.runs[0].data.name} ({device}): {S} run{'s' * (S > 1)} of {a.steps:,} steps of "
+          f"{a.batch_size} groups of {a.group_size}, " + ", ".join(f"{k} {listed(k)}" for k in flags)
+          + (f", TC level {a.tc_level}" if a.model == "group_tcvae" else "")
+          + (f", {a.pairs} pairs (k {a.k})" if a.pairs != "groups" else ""), file=sys.stderr)
     last_step, last_time = runs.step, time.perf_counter()
     first = runs.step + 1
     try:
