@@ -2995,8 +2995,10 @@ def split_group_mig(m):
 
 
 def _stat(group, score, reduce):
+    """A cell: reduce() of the runs' scores; it says so when only some of the runs have that score."""
     values = [m[score] for m in group if score in m]
-    return f"{reduce(values):.3f}" if values else "-"
+    some = f" ({len(values)} of {len(group)} runs)" if 0 < len(values) < len(group) else ""
+    return f"{reduce(values):.3f}{some}" if values else "-"
 
 
 def results_table(rs, dataset, unfinished=()):

@@ -1477,7 +1477,8 @@ def test_the_summary_pools_only_comparable_runs_and_counts_each_once(tmp_path, c
                                                                               "seed")} | config))
     metrics(tmp_path / "a")
     metrics(tmp_path / "copy_of_a")  # the same run in two folders
-    metrics(tmp_path / "b", steps=20)
+    metrics(tmp_path / "b", steps=20, sap=0.25, sap_matrix=rng.uniform(0, 1, (10, 5)).tolist())
+    metrics(tmp_path / "b2", steps=20, seed=1)  # a row's second run, scored without SAP
     metrics(tmp_path / "c", batch_size=64)
     metrics(tmp_path / "d", content_factors=["shape", "posX"], content_latents=[8, 9])
     metrics(tmp_path / "short", config={"steps": 400}, steps=239)  # evaluated halfway
@@ -1485,8 +1486,9 @@ def test_the_summary_pools_only_comparable_runs_and_counts_each_once(tmp_path, c
     assert gt.main(["--summarize", str(tmp_path)]) == 0
     err, table = capsys.readouterr().err, (tmp_path / "results.md").read_text()
     assert "holds the same run as" in err and "leaving out" in err and "239 of its 400" in err
-    assert "# Results: 4 runs" in table and "(2 more unfinished)" in table
-    for row in ("| gvae | 1 | 10 |", "| gvae | 1 | 20 |", "| gvae (batch 64) | 1 | 10 |",
+    assert "# Results: 5 runs" in table and "(2 more unfinished)" in table
+    assert "0.250 (1 of 2 runs)" in table  # a score only some of a row's runs have says so
+    for row in ("| gvae | 1 | 10 |", "| gvae | 2 | 20 |", "| gvae (batch 64) | 1 | 10 |",
                 "| gvae (z 10, z_c 2) (content shape,posX) | 1 | 10 |"):
         assert row in table, row
     assert "Unfinished (not counted above): gvae, beta 1, gamma 0, 10 steps: 1 run; gvae, beta 1, gamma 0, 400 " \
@@ -1503,7 +1505,7 @@ def test_the_summary_pools_only_comparable_runs_and_counts_each_once(tmp_path, c
     shutil.rmtree(shapes)
     for f in (tmp_path / "results.md", *tmp_path.glob("*_shapes3d_procedural.png")):
         f.unlink()
-    for other in ("a", "copy_of_a", "b", "c", "d"):
+    for other in ("a", "copy_of_a", "b", "b2", "c", "d"):
         m = json.loads((tmp_path / other / "metrics.json").read_text())
         (tmp_path / other / "metrics.json").write_text(json.dumps(m | {"model": "group_tcvae", "gamma": 8.0}))
     assert gt.main(["--summarize", str(tmp_path)]) == 0  # no baseline's runs: no Figure 3(b) or 3(c) at all
