@@ -2894,7 +2894,7 @@ def run_label(m):
     metrics.json, or a config.json's flags)."""
     label = m["model"]
     latent, content = _dims(m)
-    default = DEFAULT_CONTENT.get(m["dataset"])
+    default, chosen = DEFAULT_CONTENT.get(m["dataset"]), content_names(m)
     tc = m.get("tc_level", "inter")
     for what, differs in ((f"group size {m.get('group_size')}", m.get("group_size", 2) != 2),
                           (f"TC {tc}", m["model"] == "group_tcvae" and tc != "inter"),
@@ -2902,7 +2902,7 @@ def run_label(m):
                           (f"batch {m.get('batch_size')}", m.get("batch_size", 32) != DEFAULTS["batch_size"]),
                           (f"z {latent}, z_c {content}",
                            (latent, content) != (DEFAULTS["latent_dim"], DEFAULTS["content_dims"])),
-                          (f"content {','.join(content_names(m))}", default is not None and content_names(m) != default)):
+                          (f"content {','.join(chosen)}", default is not None and chosen != default)):
         label += f" ({what})" if differs else ""
     return label
 
