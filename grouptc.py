@@ -1018,7 +1018,7 @@ def prepare_run(args):
         merge_saved_args(args, checkpoint["args"], ckpt_path)  # the saved --device too, unless typed anew
         saved = argparse.Namespace(**(DEFAULTS | vars(read_flags(read_config(config_path), config_path)))) \
             if config_path.exists() else args
-        if identity(saved) != identity(args):
+        if run_name(saved) != run_name(args):  # the name holds every run-defining flag, exactly
             raise UserError(f"{config_path} and {ckpt_path} describe different runs; one of them was put there from "
                             "another run: move the folder out of the way")
         if args.steps < checkpoint["step"]:
@@ -1773,12 +1773,6 @@ def looks_like_run_name(name):
     """Whether a folder name is in run_name()'s form (a folder a user named otherwise is not checked by it)."""
     return re.fullmatch(rf"({'|'.join(MODELS)})_({'|'.join(DATASETS)})_beta[^_]+_gamma[^_]+_gs\d+_tc-.+_seed\d+",
                         name) is not None
-
-
-def identity(args):
-    """What makes two runs the same run: their run-defining flags, the content factors as names."""
-    return tuple(content_names(args) if k == "content_factors" else getattr(args, k) for k in RUN_DEFINING
-                 if k != "k" or args.pairs != "groups")
 
 
 def is_run(folder):
@@ -3184,6 +3178,11 @@ def summarize(runs_dir):
         lines += results_table(rs, dataset, [u for u in unfinished if u["dataset"] == dataset])
         for kind in ("figure4", "figure3b", "figure3c", "scores"):  # an earlier summary's: written anew, or none
             (runs_dir / f"{kind}_{dataset}.png").unlink(missing_ok=True)
+        steps = max(m["steps"] for m in rs)  # a figure pools runs of one length: the longest
+        if any(m["steps"] != steps for m in rs):
+            print(f"{dataset}: the figures show the {sum(m['steps'] == steps for m in rs)} runs of {steps:,} steps, "
+                  f"not the {sum(m['steps'] != steps for m in rs)} shorter ones (the table has them)", file=sys.stderr)
+            rs = [m for m in rs if m["steps"] == steps]
         figure_4(rs, dataset, runs_dir / f"figure4_{dataset}.png")
         figure_3b(rs, dataset, runs_dir / f"figure3b_{dataset}.png")
         figure_3c(rs, dataset, runs_dir / f"figure3c_{dataset}.png")

@@ -585,6 +585,24 @@ def test_metrics_reject_bad_input():
 
 
 # ------------------------------------------------------------------------------------------------ training runs
+@pytest.fixture(autouse=True)
+def quick_figures(request, monkeypatch):
+    """Most tests check that a figure is written, not how it looks: drawn at 10 dpi without the layout pass, a run's
+    figures cost a fraction of their time. The tests that look at the pictures take `real_figures`."""
+    if "real_figures" not in request.fixturenames:
+        def save(fig, path, dpi):
+            try:
+                gt.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=10, format="png"))
+            finally:
+                gt._plt().close(fig)
+        monkeypatch.setattr(gt, "save_figure", save)
+
+
+@pytest.fixture
+def real_figures():
+    """The figures as grouptc draws them (see quick_figures)."""
+
+
 TINY = ["--steps", "6", "--batch-size", "4", "--log-every", "3", "--checkpoint-every", "3", "--eval-samples", "300"]
 FIGURES = ("mi_matrix.png", "reconstructions.png", "traversals.png", "training_curves.png")
 
@@ -596,7 +614,7 @@ FIGURES = ("mi_matrix.png", "reconstructions.png", "traversals.png", "training_c
     ("mlvae", "dsprites_procedural", ["--group-size", "5"]),
     ("gvae", "shapes3d_procedural", ["--content-factors", "floor_hue,wall_hue"]),
 ])
-def test_every_model_trains_and_writes_every_output(tmp_path, model, dataset, extra):
+def test_every_model_trains_and_writes_every_output(tmp_path, model, dataset, extra, real_figures):
     out = tmp_path / "run"
     assert gt.main(["--model", model, "--dataset", dataset, "--out", str(out), *TINY, *extra]) == 0
     config = json.loads((out / "config.json").read_text())
@@ -1117,7 +1135,7 @@ def test_evaluation_on_every_point_shows_progress(tmp_path, monkeypatch, capsys)
     assert "encoding 144 points: 100.0%" in capsys.readouterr().err
 
 
-def test_summary_prints_no_warnings(tmp_path, recwarn):
+def test_summary_prints_no_warnings(tmp_path, recwarn, real_figures):
     out = tmp_path / "runs" / "only"
     assert gt.main(["--model", "group_tcvae", *BASE, "--out", str(out)]) == 0  # no baseline: empty Figure 3(c)
     assert gt.main(["--summarize", str(tmp_path / "runs")]) == 0
@@ -1224,8 +1242,8 @@ def test_a_sweep_member_is_the_same_run_as_alone(tmp_path, monkeypatch, model, t
     assert np.allclose(ma["mi_matrix"], mb["mi_matrix"], atol=2e-3)
     config = json.loads((member / "config.json").read_text())
     assert (config["seed"], config["beta"], config["out"]) == (3, 9.0, str(member))
-    for name in FIGURES:
-        assert (member / name).stat().st_size > 5_000
+    for name in FIGURES:  # each member's own figures (how they look: test_every_model_trains_and_writes_every_output)
+        assert (member / name).stat().st_size > 0
 
 
 def test_a_sweep_member_is_a_run_in_its_own_right(tmp_path, capsys):
@@ -1486,6 +1504,7 @@ def test_the_summary_pools_only_comparable_runs_and_counts_each_once(tmp_path, c
     assert gt.main(["--summarize", str(tmp_path)]) == 0
     err, table = capsys.readouterr().err, (tmp_path / "results.md").read_text()
     assert "holds the same run as" in err and "leaving out" in err and "239 of its 400" in err
+    assert "the figures show the 2 runs of 20 steps, not the 3 shorter ones" in err
     assert "# Results: 5 runs" in table and "(2 more unfinished)" in table
     assert "0.250 (1 of 2 runs)" in table  # a score only some of a row's runs have says so
     for row in ("| gvae | 1 | 10 |", "| gvae | 2 | 20 |", "| gvae (batch 64) | 1 | 10 |",
@@ -1548,7 +1567,7 @@ def test_a_failed_checkpoint_write_is_a_message_and_keeps_the_last_good_one(tmp_
     assert (out / "checkpoint.pt").read_bytes() == good and not list(out.glob(".*.tmp"))
 
 
-def test_a_resume_drops_a_cut_log_row_and_orphan_files(tmp_path):
+def test_a_resume_drops_a_cut_log_row_and_orphan_files(tmp_path, real_figures):
     out = tmp_path / "run"
     argv = ["--model", "gvae", *BASE, "--out", str(out)]
     assert run_main_interrupted_at(3, argv) == 130
@@ -1576,7 +1595,7 @@ def test_evaluating_nan_weights_says_so_and_keeps_metrics(tmp_path, capsys):
     assert (out / "metrics.json").read_bytes() == good
 
 
-def test_what_a_person_sees(tmp_path, capsys):
+def test_what_a_person_sees(tmp_path, capsys, real_figures):
     sweep = tmp_path / "sweep"
     assert gt.main(["--model", "gvae", *BASE, "--seed", "0,1", "--log-every", "100", "--out", str(sweep)]) == 0
     err = capsys.readouterr().err
@@ -1940,7 +1959,7 @@ def test_the_cpu_study_runs_are_computed_byte_for_byte(tmp_path, name):
     assert metrics["mi_matrix"] == expected["mi_matrix"] and metrics["torch_threads"] == [1]
 
 
-def test_scores_over_training_are_logged_and_resumed_exactly(tmp_path):
+def test_scores_over_training_are_logged_and_resumed_exactly(tmp_path, real_figures):
     argv = ["--model", "group_tcvae", "--dataset", "dsprites_procedural", "--steps", "8", "--batch-size", "4",
             "--log-every", "2", "--checkpoint-every", "100", "--eval-samples", "300", "--device", "cpu"]
     assert gt.main(argv + ["--out", str(tmp_path / "plain")]) == 0
