@@ -205,8 +205,8 @@ add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" PAIRS:
   CMDS+=("$PYTHON grouptc.py --model $m --dataset $d --data-dir $DATA_DIR --steps $STEPS --batch-size $BATCH_SIZE \
 --group-size $gs --beta ${betas// /,} --gamma ${gammas// /,} --tc-level $tc --content-factors $(content_factors "$d") \
 --latent-dim 10 --content-dims 5 --seed ${seeds// /,} --device $DEVICE --eval-samples $EVAL_SAMPLES \
---pairs $pairs ${kind:+--k $K }${METRICS:+--metrics $METRICS }--eval-every $EVAL_EVERY --log-every $LOG_EVERY --checkpoint-every $CHECKPOINT_EVERY \
---out $out")
+--pairs $pairs ${kind:+--k $K }${METRICS:+--metrics $METRICS }--eval-every $EVAL_EVERY --log-every $LOG_EVERY \
+--checkpoint-every $CHECKPOINT_EVERY --out $out")
 }
 emit() {  # emit DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" [PAIRS]: their runs, at most SWEEP_SIZE
   local betas=($5) gammas=($6) seeds=($7) pairs=${8:-groups} i j k s b  # a process
