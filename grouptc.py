@@ -1831,12 +1831,13 @@ def expand(args):
 
 
 def saved_flags(folder):
-    """A run folder's flags, as its checkpoint (else its config.json) saved them."""
+    """A run folder's flags, as its config.json (else its checkpoint) saved them: a small file, not the weights
+    (prepare_run() checks that the two describe one run)."""
     folder = Path(folder)
-    if (folder / "checkpoint.pt").is_file():
-        return load_checkpoint(folder / "checkpoint.pt")["args"], folder / "checkpoint.pt"
     if (folder / "config.json").is_file():
         return read_config(folder / "config.json"), folder / "config.json"
+    if (folder / "checkpoint.pt").is_file():
+        return load_checkpoint(folder / "checkpoint.pt")["args"], folder / "checkpoint.pt"
     raise UserError(f"{folder} holds a metrics.json but neither checkpoint.pt nor config.json; it cannot be "
                     "resumed (move it out of the way)")
 
