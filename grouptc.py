@@ -1042,8 +1042,8 @@ def prepare_run(args):
 
 def check_run_folder(out):
     """A run's folder is a folder of its own: it holds no runs below it and is inside no run."""
-    if runs_below(out):
-        raise UserError(f"--out {out} holds runs in folders below it ({runs_below(out)[0]}, ...); a run needs a "
+    if below := runs_below(out):
+        raise UserError(f"--out {out} holds runs in folders below it ({below[0]}, ...); a run needs a "
                         "folder of its own: choose another --out (or --resume it without --model to continue the "
                         "runs there)")
     if run_above(out) is not None:
@@ -1118,8 +1118,7 @@ class RunLog:
         self.terms = CsvLog(self.out / "log.csv", ["step", *names, "ms_per_step"], step)
         if sweep and step > 0 and (self.out / "train.log").exists():  # a resume: the lines after its step go
             lines = (self.out / "train.log").read_text().splitlines()
-            kept = [line for line in lines if not re.match(r"step\s+(\d+)/", line)
-                    or int(re.match(r"step\s+(\d+)/", line)[1]) <= step]
+            kept = [line for line in lines if not (s := re.match(r"step\s+(\d+)/", line)) or int(s[1]) <= step]
             write_text_atomic(self.out / "train.log", "\n".join(kept + [f"resumed at step {step:,}"]) + "\n")
         self.scores = CsvLog(self.out / "scores.csv", ["step", *PAPER_METRICS], step) if args.eval_every else None
 
@@ -1830,28 +1829,18 @@ def expand(args):
     return members
 
 
-def saved_flags(folder):
-    """A run folder's flags, as its config.json (else its checkpoint) saved them: a small file, not the weights
-    (prepare_run() checks that the two describe one run)."""
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return read_config(folder / "config.json"), folder / "config.json"
-    if (folder / "checkpoint.pt").is_file():
-        return load_checkpoint(folder / "checkpoint.pt")["args"], folder / "checkpoint.pt"
-    raise UserError(f"{folder} holds a metrics.json but neither checkpoint.pt nor config.json; it cannot be "
-                    "resumed (move it out of the way)")
-
-
 def discover(args):
     """--resume --out PARENT: the runs below PARENT, each with the flags saved in its folder and the flags typed
     now that do not define a run (--steps, --device, ...). Typed --seed, --beta, --gamma lists and run-defining
     flags select among them; what selects none is refused."""
     chosen, found = [], runs_below(args.out)
     for folder in found:
-        if not ((folder / "checkpoint.pt").is_file() or (folder / "config.json").is_file()):
+        path = next((folder / f for f in ("config.json", "checkpoint.pt") if (folder / f).is_file()), None)
+        if path is None:
             print(f"{folder}: an evaluated run without its checkpoint or config; nothing to resume", file=sys.stderr)
             continue
-        saved, path = saved_flags(folder)
+        # the flags from the small config.json, not the weights (prepare_run() checks that the two describe one run)
+        saved = read_config(path) if path.name == "config.json" else load_checkpoint(path)["args"]
         flags = read_flags(saved, path)
         if not all(getattr(flags, k, None) in getattr(args, k) if k in LIST_FLAGS else
                    _same_flag(k, getattr(args, k), getattr(flags, k, None), saved)
@@ -2602,8 +2591,6 @@ def factor_vae_score(encode, factor_sizes, rng, n_train=10_000, n_eval=5_000, n_
     return {"eval_accuracy": eval_acc, "train_accuracy": train_acc, "n_active": int(active.sum())}
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation and figures: the scores of a run, Figure 3(a), Figure 5, the training curves.
 # ----------------------------------------------------------------------------------------------------------------
@@ -3044,12 +3031,17 @@ def results_table(rs, dataset, unfinished=()):
     return lines + [""]
 
 
+def on_main_grid(m):
+    """Whether a run is of the paper's main grid, as Figures 4 and 3(b) pool them: pairs, and TC inter."""
+    return (m.get("group_size", 2) == 2 and m.get("pairs", "groups") == "groups"
+            and (m["model"] != "group_tcvae" or m.get("tc_level", "inter") == "inter"))
+
+
 def figure_4(rs, dataset, path):
     """Figure 4: the density of each score per model over the paper's main grid (pairs, TC inter); points alone
     for a model with fewer than 3 runs."""
     plt = _plt()
-    main_runs = [m for m in rs if m.get("group_size", 2) == 2 and m.get("pairs", "groups") == "groups"
-                 and (m["model"] != "group_tcvae" or m.get("tc_level", "inter") == "inter")]
+    main_runs = [m for m in rs if on_main_grid(m)]
     scores = [k for k in sorted(SCORES, key=lambda k: k != "group_mig") if any(k in m for m in main_runs)]
     cols = min(max(len(scores), 1), 4)
     rows = -(-max(len(scores), 1) // cols)
@@ -3079,8 +3071,7 @@ def figure_4(rs, dataset, path):
 def figure_3b(rs, dataset, path):
     """Figure 3(b): group-MIG of the content and of the non-content factors, over the baselines' runs of pairs."""
     plt = _plt()
-    main_runs = [m for m in rs if m["model"] in MODELS and MODELS[m["model"]].baseline
-                 and m.get("group_size", 2) == 2 and m.get("pairs", "groups") == "groups"]
+    main_runs = [m for m in rs if on_main_grid(m) and m["model"] in MODELS and MODELS[m["model"]].baseline]
     if not main_runs:
         return  # no baseline's runs of pairs: no figure (rather than an empty one)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
