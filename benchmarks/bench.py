@@ -5,14 +5,14 @@
     python benchmarks/bench.py --device cuda            # on a GPU: bf16 autocast, the step as one CUDA graph
     python benchmarks/bench.py --device cuda --eager    # ... each step launched eagerly
     python benchmarks/bench.py --only sweep --sizes 1 4 16 64   # sweeps against their runs one at a time
-    python benchmarks/bench.py --only step sweep --baseline OLD/grouptc.py   # ... beside an earlier version
+    python benchmarks/bench.py --only step sweep render --baseline OLD/grouptc.py   # beside an earlier version
 
 Sections:
   step    training step (32 groups) of each model vs a bare step of the same networks on one fixed batch (no
           sampling, rendering or bookkeeping, launched eagerly); the ratio is the overhead of everything around
           the networks (on CUDA, below 1 when the CUDA graph saves more launch time than sampling costs).
           Blocks of steps alternate between the two so that a noisy machine hits both alike.
-  render  images/s of both built-in renderers, at the training batch (64) and at 4,096.
+  render  images/s of both built-in renderers, at the training batch (64) and at 4,096 (beside --baseline's).
   gather  the cost of gathering a batch from a full-size in-memory uint8 array (file-backed data sets).
   mig     mig() against a reference built on sklearn.metrics.mutual_info_score per (latent, factor) pair, at
           N = 10,000 and N = 737,280 (needs scikit-learn; the program itself does not).
@@ -194,19 +194,31 @@ def bench_sweep(device, flags, sizes, models, blocks, block_steps, dataset, base
     return results
 
 
-def bench_render(device):
+def bench_render(device, baseline=None, blocks=7):
+    """Each renderer at two batch sizes; with a baseline, its renderer in the same rotation of blocks."""
     results = {}
-    for cls in (gt.DSpritesProcedural, gt.Shapes3DProcedural):
-        data = cls(device)
+    for cls in ("DSpritesProcedural", "Shapes3DProcedural"):
+        renderers = {"this": getattr(gt, cls)(device)}
+        if baseline is not None:
+            renderers["baseline"] = getattr(baseline, cls)(device)
+        name = renderers["this"].name
         for batch in (64, 4096):
             g = torch.Generator(device=device).manual_seed(0)
-            sizes = torch.tensor(data.factor_sizes, device=device)
+            sizes = torch.tensor(renderers["this"].factor_sizes, device=device)
             classes = (torch.rand(batch, len(sizes), generator=g, device=device) * sizes).long()
-            n = max(3, 20_000 // batch)
-            timed(lambda: data.images(classes), 2, device)
-            seconds = timed(lambda: data.images(classes), n, device)
-            results[f"{data.name}_{batch}"] = batch / seconds
-            print(f"render {data.name:20s} batch {batch:5d}: {batch / seconds:12,.0f} images/s", flush=True)
+            n = max(3, 3_000 // batch)
+            times = {k: [] for k in renderers}
+            for _ in range(blocks):
+                for k, data in renderers.items():
+                    timed(lambda: data.images(classes), 1, device)  # noqa: B023 (called at once)
+                    times[k].append(timed(lambda: data.images(classes), n, device))  # noqa: B023
+            rate = {k: batch / statistics.median(t) for k, t in times.items()}
+            results[f"{name}_{batch}"] = rate["this"]
+            line = f"render {name:20s} batch {batch:5d}: {rate['this']:12,.0f} images/s"
+            if baseline is not None:
+                results[f"{name}_{batch}_baseline"] = rate["baseline"]
+                line += f"   baseline {rate['baseline']:12,.0f} images/s (this / baseline {rate['this'] / rate['baseline']:5.2f})"
+            print(line, flush=True)
     return results
 
 
@@ -383,8 +395,8 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="sweep sizes S (sweep section)")
     p.add_argument("--models", nargs="+", default=list(gt.MODELS), choices=list(gt.MODELS), help="sweep section")
     p.add_argument("--baseline", default=None, metavar="GROUPTC_PY",
-                   help="another grouptc.py (an earlier commit's): the step and sweep sections time it in the same "
-                        "rotation of blocks, for figures side by side")
+                   help="another grouptc.py (an earlier commit's): the step, sweep and render sections time it in the "
+                        "same rotation of blocks, for figures side by side")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks for the step section")
     p.add_argument("--eager", action="store_true", help="on CUDA, no CUDA graph for the step section")
@@ -409,7 +421,7 @@ def main():
         results["sweep"] = bench_sweep(device, flags, args.sizes, args.models, args.blocks, args.block_steps,
                                        args.dataset, baseline)
     if "render" in args.only:
-        results["render"] = bench_render(device)
+        results["render"] = bench_render(device, baseline)
     if "gather" in args.only:
         results["gather"] = bench_gather(device)
     if "mig" in args.only:
