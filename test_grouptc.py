@@ -179,6 +179,21 @@ def test_dsprites_renderer_matches_real_frames():
     assert x[:, :3].sum() == 0 and x[:, 61:].sum() == 0  # the grid stays within rows 3..60
 
 
+def test_dsprites_renderer_draws_every_sprite_inside_its_window():
+    """The renderer draws only a window of pixels (32 x 32) from round(32 * position) on: every sprite, at the largest
+    scale, in every orientation and at the grid's edges and middle, stays clear of the window's border."""
+    data = gt.DSpritesProcedural()
+    grid = torch.cartesian_prod(torch.arange(3), torch.tensor([5]), torch.arange(40), torch.tensor([0, 15, 31]),
+                                torch.tensor([0, 16, 31]))
+    x = data.images(grid)[:, 0].bool()
+    assert x.flatten(1).any(1).all()
+    origin = (32 * grid[:, 3:] / 31).round().long()  # (N, 2): the window's first column and row
+    for axis, o in ((1, origin[:, 0]), (2, origin[:, 1])):  # columns (posX), then rows (posY)
+        on = x.any(axis)  # (N, 64): which columns (rows) hold a pixel of the sprite
+        first, last = on.float().argmax(1), 63 - on.flip(1).float().argmax(1)
+        assert (first > o).all() and (last < o + len(data.window) - 1).all()  # never cut at the window's edge
+
+
 @pytest.mark.parametrize("renderer", [gt.DSpritesProcedural, gt.Shapes3DProcedural])
 def test_renderer_is_deterministic_and_every_factor_changes_the_image(renderer):
     data = renderer()
