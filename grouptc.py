@@ -608,6 +608,7 @@ class Run:
         self.model_gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)  # noise, permutations
         self.step, self.train_seconds = 0, 0.0
         self.threads = []  # the torch thread counts it trained with (the CPU's sums depend on them)
+        self.machines = []  # and the torch builds and processors (machine()): the sums depend on them too
         if args.compile:  # in place: the parameter names stay, so checkpoints load either way
             for module in (self.vae.encoder, self.vae.decoder, self.D):
                 if module is not None:
@@ -641,7 +642,8 @@ class Run:
         return {"step": self.step, "train_seconds": self.train_seconds, "args": public_args(self.args),
                 "vae": weights(self.vae), "vae_opt": vae_opt, "D": weights(self.D) if self.D is not None else None,
                 "d_opt": d_opt, "data_gen": self.data_gen.get_state(), "model_gen": self.model_gen.get_state(),
-                "log_sum": log_sum, "log_count": log_count, "torch_threads": self.threads}
+                "log_sum": log_sum, "log_count": log_count, "torch_threads": self.threads,
+                "machines": self.machines}
 
     def load(self, checkpoint, path):
         """A checkpoint (load_checkpoint()) into this run: weights, optimisers, generators, step."""
@@ -663,6 +665,7 @@ class Run:
                 self.model_gen.manual_seed(base + 1)
             self.step, self.train_seconds = int(c["step"]), float(c["train_seconds"])
             self.threads = [int(n) for n in c.get("torch_threads", [])]  # unknown for earlier checkpoints
+            self.machines = [str(m) for m in c.get("machines", [])]
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as error:
             raise UserError(f"the checkpoint {path} does not fit the run its flags describe "
                             f"({type(error).__name__}: {(str(error).splitlines() or [''])[0]})") from None
@@ -1945,6 +1948,15 @@ def build_runs(members, checkpoints=None, paths=None):
     return runs
 
 
+def machine(device):
+    """What a run's sums depend on besides its flags and thread count: the torch build, and the processor's
+    instruction set (on the CPU torch picks its kernels by it) or the accelerator."""
+    if device.type == "cpu":
+        return f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}"
+    return f"torch {torch.__version__}, " + (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                                             device.type.upper())
+
+
 def progress_line(step, total, names, means, ms):
     eta = ms * (total - step) / 1000
     return (f"step {step:>{len(str(total))}}/{total}  " + "  ".join(f"{n} {v:.4g}" for n, v in zip(names, means)) +
@@ -1974,10 +1986,11 @@ def train(members, checkpoints, sweep=False):
     for m, run in zip(members, runs.runs):
         write_text_atomic(Path(m.out) / "config.json", json.dumps(public_args(m), indent=2) + "\n")
         logs.append(RunLog(m, names, runs.step, sweep))
-        if run.threads and run.threads[-1] != threads:
-            print(f"note: {m.out} trained with {run.threads[-1]} torch thread(s) and continues with {threads}: "
-                  "the CPU's sums depend on it, so from here on it is not the uninterrupted run", file=sys.stderr)
-        run.threads += [threads] if run.threads[-1:] != [threads] else []  # each change of count, in order
+        for saved, now, what in ((run.threads, threads, " torch thread(s)"), (run.machines, machine(device), "")):
+            if saved and saved[-1] != now:
+                print(f"note: {m.out} trained with {saved[-1]}{what} and continues with {now}{what}: the sums "
+                      "depend on it, so from here on it is not the uninterrupted run", file=sys.stderr)
+            saved += [now] if saved[-1:] != [now] else []  # each change, in order
     alive = list(range(S))
 
     stop = StopRequest()
@@ -2828,7 +2841,7 @@ def evaluate_and_plot(run, out, n_samples):
                         "train_seconds": round(run.train_seconds, 3), "beta": a.beta, "gamma": a.gamma,
                         "group_size": a.group_size, "tc_level": a.tc_level, "pairs": a.pairs, "k": a.k, "seed": a.seed,
                         "batch_size": a.batch_size, "latent_dim": a.latent_dim, "content_dims": a.content_dims,
-                        "torch_threads": run.threads}
+                        "torch_threads": run.threads, "machines": run.machines}
     title = figure_title(metrics)
     plot_mi_matrix(metrics, out / "mi_matrix.png")
     plot_reconstructions(run, out / "reconstructions.png", title, seed=a.seed)

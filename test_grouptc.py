@@ -2041,14 +2041,30 @@ def test_the_metrics_leave_torchs_threads_alone_from_the_first_call_on():
 
 def test_checkpoints_of_earlier_versions_still_load(tmp_path):
     """Earlier checkpoints also hold the global RNG state (torch_rng), which nothing uses now; they lack
-    torch_threads, --pairs and --k (which read as their defaults)."""
+    torch_threads, machines, --pairs and --k (which read as their defaults)."""
     out = tmp_path / "run"
     assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    del checkpoint["torch_threads"], checkpoint["args"]["pairs"], checkpoint["args"]["k"]  # flags they lack
+    del checkpoint["torch_threads"], checkpoint["machines"], checkpoint["args"]["pairs"], checkpoint["args"]["k"]
     torch.save(checkpoint | {"torch_rng": torch.get_rng_state()}, out / "checkpoint.pt")
     assert gt.main(["--resume", "--out", str(out), "--steps", "9"]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 9
+
+
+def test_a_run_records_each_machine_it_trained_on_and_says_when_that_changes(tmp_path, capsys):
+    """The sums depend on the torch build and the processor's kernels: a resume elsewhere says so, and metrics.json
+    lists every machine in order."""
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    here = gt.machine(torch.device("cpu"))
+    assert here.startswith(f"torch {torch.__version__}, CPU ")
+    assert json.loads((out / "metrics.json").read_text())["machines"] == [here]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save(checkpoint | {"machines": ["torch 0.1, CPU AVX512"]}, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert gt.main(["--resume", "--out", str(out), "--steps", "9"]) == 0
+    assert f"trained with torch 0.1, CPU AVX512 and continues with {here}" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["machines"] == ["torch 0.1, CPU AVX512", here]
 
 
 def test_the_summary_shows_a_model_and_a_score_it_does_not_know(tmp_path, capsys):
