@@ -1922,10 +1922,41 @@ def test_factor_vae_anchors():
     for prune in (0.0, 0.05):
         got = gt.factor_vae_score(zero, [10] * 10, 1, prune=prune, **kw)
         assert 0.0 <= got["eval_accuracy"] <= 0.2
-    # one call for the variances, then 256 votes of 5 points a call: ceil(3000 / 256) + ceil(2000 / 256) = 20 calls
-    assert calls[0] == 2500
-    assert calls[1:21] == [256 * 5] * 11 + [(3000 - 11 * 256) * 5] + [256 * 5] * 7 + [(2000 - 7 * 256) * 5]
+    # one call for the variances, then the votes' distinct points (here all 25,000 of them: the grid has 10 ** 10
+    # points), 256 votes' worth (1,280 points) a call
+    assert calls[0] == 2500 and calls[1:21] == [1280] * 19 + [25_000 - 19 * 1280]
     assert calls[21:] == [2500]  # prune 0.05: no active dim, no votes
+
+
+def slow_factor_vae(encode, sizes, seed, n_train, n_eval, n_var, batch_size, prune, votes_per_call=256):
+    """The FactorVAE score with every vote's batch encoded on its own (the same draws as factor_vae_score)."""
+    rng, K = np.random.default_rng(seed), len(sizes)
+    gvar = encode(rng.integers(0, sizes, (n_var, K))).var(0, ddof=1)
+    active = np.flatnonzero(np.sqrt(gvar) >= prune)
+    votes = []
+    for n in (n_train, n_eval):
+        for start in range(0, n, votes_per_call):
+            m = min(votes_per_call, n - start)
+            ks, f = rng.integers(0, K, m), rng.integers(0, sizes, (m, batch_size, K))
+            for k, batch in zip(ks, f):
+                batch[:, k] = batch[0, k]
+                codes = encode(batch)
+                votes.append((k, int(np.argmin([codes[:, d].var(ddof=1) / gvar[d] for d in active]))))
+    return slow_majority_vote(votes[:n_train], votes[n_train:])
+
+
+def test_factor_vae_score_encodes_each_point_once_and_scores_as_vote_by_vote():
+    """On a grid of 60 points the votes' points recur: each distinct point is encoded once, and the score is the
+    one that encoding every vote's batch on its own gives."""
+    sizes, W = [3, 4, 5], np.random.default_rng(4).normal(size=(3, 6))
+    seen = []
+    encode = lambda f: (seen.extend(map(tuple, f)), np.tanh(f @ W))[1]  # noqa: E731
+    kw = dict(n_train=700, n_eval=300, n_var=200, batch_size=8, prune=0.05)
+    got = gt.factor_vae_score(encode, sizes, 5, **kw)
+    assert len(seen) == 200 + 60 and len(set(seen[200:])) == 60  # the variances' points, then each point once
+    want_train, want_eval = slow_factor_vae(lambda f: np.tanh(f @ W), sizes, 5, **kw)
+    assert (got["train_accuracy"], got["eval_accuracy"]) == pytest.approx((want_train, want_eval), abs=1e-15)
+    assert 0.5 < got["eval_accuracy"] < 1
 
 
 def test_every_run_scores_the_cheap_metrics_writes_its_codes_and_eval_only_adds_any(tmp_path, capsys):
