@@ -179,6 +179,37 @@ def test_dsprites_renderer_matches_real_frames():
     assert x[:, :3].sum() == 0 and x[:, 61:].sum() == 0  # the grid stays within rows 3..60
 
 
+def full_frame_dsprites(classes):
+    """The renderer's geometry at every pixel centre of the 64 x 64 frame: the slow, obvious version."""
+    d = gt.DSpritesProcedural()
+    shape, s = classes[:, 0, None, None], d.scales[classes[:, 1]][:, None, None]
+    theta = d.angles[classes[:, 2]][:, None, None]
+    cx, cy = (16 + 32 * d.positions[classes[:, k]][:, None, None] for k in (3, 4))
+    centres = torch.arange(64, dtype=torch.float32) + 0.5
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    dx, dy = x - cx, y - cy
+    u = (torch.cos(theta) * dx - torch.sin(theta) * dy) / s
+    v = (torch.sin(theta) * dx + torch.cos(theta) * dy) / s
+    square, ellipse = (u.abs() <= 9.6) & (v.abs() <= 9.6), (u / 12.75) ** 2 + (v / 7.25) ** 2 <= 1
+    heart = torch.zeros_like(square)
+    for ux, vy in d.HEART_DISCS:
+        heart |= (u - ux) ** 2 + (v - vy) ** 2 <= 25.0
+    p, q, inside = d.polygon, d.polygon.roll(-1, 0), torch.ones_like(square)
+    for k in range(len(p)):
+        inside &= (q[k, 0] - p[k, 0]) * (v - p[k, 1]) - (q[k, 1] - p[k, 1]) * (u - p[k, 0]) >= 0
+    return torch.where(shape == 0, square, torch.where(shape == 1, ellipse, heart | inside)).float()[:, None]
+
+
+def test_dsprites_renderer_equals_the_full_frame_geometry():
+    """Drawn in a window around each sprite, the images are those of the geometry at every pixel: random points,
+    and every shape and orientation at the largest scale on the grid's corners."""
+    g = torch.Generator().manual_seed(2)
+    corners = torch.cartesian_prod(torch.arange(3), torch.tensor([5]), torch.arange(40), torch.tensor([0, 31]),
+                                   torch.tensor([0, 31]))
+    classes = torch.cat([gt.uniform_classes(gt.DSPRITES_SIZES, (3000,), g), corners])
+    assert torch.equal(gt.DSpritesProcedural().images(classes), full_frame_dsprites(classes))
+
+
 def test_dsprites_renderer_draws_every_sprite_inside_its_window():
     """The renderer draws only a window of pixels (32 x 32) from round(32 * position) on: every sprite, at the largest
     scale, in every orientation and at the grid's edges and middle, stays clear of the window's border."""
