@@ -2581,7 +2581,8 @@ def factor_vae_score(encode, factor_sizes, rng, n_train=10_000, n_eval=5_000, n_
     argmin over active dims of var(ddof 1) / global var. Majority-vote classifier from n_train votes, scored on
     n_eval fresh ones. A point that recurs among the votes is encoded once (DL's counts on dSprites: about 537,000
     distinct of 960,000), which gives the same score as long as a point's code does not depend on what else is in
-    its batch (on the CPU it did not, for the run checked). progress: None, or called with (points encoded, points to encode) after each call.
+    its batch (on the CPU it did not, for the run checked). progress: None, or called with (points encoded, points
+    to encode) after each call.
     -> dict: eval_accuracy (the score; 0 without an active dim), train_accuracy, n_active."""
     rng = np.random.default_rng(rng)
     sizes = np.asarray(factor_sizes, np.int64)
@@ -2608,8 +2609,8 @@ def factor_vae_score(encode, factor_sizes, rng, n_train=10_000, n_eval=5_000, n_
         if progress:
             progress(n_var + start + len(classes), n_var + len(flat))
     codes, where = np.concatenate(codes), where.reshape(n_train + n_eval, batch_size)
-    dims = np.concatenate([factor_vae_votes(codes[where[v:v + votes_per_call]], global_var, active)  # a few MB at a time
-                           for v in range(0, len(where), votes_per_call)])
+    dims = np.concatenate([factor_vae_votes(codes[where[v:v + votes_per_call]], global_var, active)
+                           for v in range(0, len(where), votes_per_call)])  # a few MB of codes at a time
     k = np.concatenate(ks)
     train_acc, eval_acc = factor_vae_accuracy(k[:n_train], dims[:n_train], k[n_train:], dims[n_train:], K,
                                               int(active.sum()))
