@@ -1469,7 +1469,7 @@ class DSpritesProcedural(ProceduralData):
         heart |= inside
         on = torch.where(shape == 0, square, torch.where(shape == 1, ellipse, heart))
         image = torch.zeros(B, 64 * 64, device=self.device, dtype=torch.float32)
-        pixels = (row * 64 + col).expand(B, 32, 32).reshape(B, 32 * 32)
+        pixels = (row * 64 + col).reshape(B, 32 * 32)  # (B, 32, 32) flat indices into the frame
         return image.scatter_(1, pixels, on.reshape(B, 32 * 32).float()).view(B, 1, 64, 64)
 
 
@@ -2669,8 +2669,8 @@ def evaluate(vae, data, content_factors, content_dims, n_samples=10_000, seed=0,
     mi, H = mutual_info_and_entropy(codes, factors)
     L = codes.shape[1]
     content_latents = list(range(L - content_dims, L))
-    scores = {"mig": gap_score(mig_gaps(mi), H), "group_mig": gap_score(group_gaps(mi, content_latents,
-                                                                                 content_factors), H)}
+    scores = {"mig": gap_score(mig_gaps(mi), H),
+              "group_mig": gap_score(group_gaps(mi, content_latents, content_factors), H)}
     if "modularity" in metrics:
         scores["modularity"] = modularity_from_matrix(mi)
     if "sap" in metrics or "dci" in metrics:
