@@ -101,12 +101,21 @@ def uniform_classes(factor_sizes, shape, generator=None):
     return torch.minimum((u * sizes).long(), sizes - 1)  # the min guards u * size rounding up to size
 
 
+def some_not_all(indices, n):
+    """Whether `indices` are distinct whole numbers naming some, not all, of 0 .. n-1 (content factors, latents)."""
+    indices = list(indices)
+    return (bool(indices) and all(isinstance(i, (int, np.integer)) and 0 <= i < n for i in indices)
+            and len(set(indices)) == len(indices) < n)
+
+
 def sample_groups(factor_sizes, content_factors, batch_size, group_size=2, generator=None):
     """-> classes (batch_size, group_size, K) LongTensor, shares_content (batch_size,) BoolTensor.
     content_factors: indices of the content factors. Every draw comes from `generator` and lives on its device, so
     a seed reproduces the batch."""
     device = generator.device if generator is not None else torch.device("cpu")
     K = len(factor_sizes)
+    if not some_not_all(content_factors, K):
+        raise ValueError(f"content_factors {content_factors} must be indices of some, not all, of the {K} factors")
     classes = uniform_classes(factor_sizes, (batch_size, group_size), generator)  # independent for every member
     shares_content = torch.rand(batch_size, generator=generator, device=device) < 0.5
     is_content = device_constant(tuple(k in content_factors for k in range(K)), device, torch.bool)
@@ -479,11 +488,15 @@ def gap_score(gaps, H):
     """MIG's and group-MIG's score from their (K,) gaps per factor: the mean over factors of gap / H(v_k), factors
     with one value (H = 0) left out."""
     keep = H > 0
+    if not keep.any():
+        raise ValueError("every factor has a single value in these points: no factor to score")
     return float(np.mean(gaps[keep] / H[keep]))
 
 
 def mig_gaps(mi):
     """Per factor: the largest I(z_i; v_k) over the latents minus the second largest. (L, K) -> (K,)"""
+    if len(mi) < 2:
+        raise ValueError(f"MIG is a gap between two latents: codes need at least 2 columns, got {len(mi)}")
     top = np.sort(mi, axis=0)[::-1]
     return top[0] - top[1]
 
@@ -492,9 +505,7 @@ def group_gaps(mi, content_latents, content_factors):
     """Per factor: max I over the latents of the factor's own group - max I over the other latents. (L, K) -> (K,)"""
     L, K = mi.shape
     content_latents, content_factors = list(content_latents), list(content_factors)
-    if not (content_latents and content_factors and all(0 <= i < L for i in content_latents)
-            and all(0 <= k < K for k in content_factors)) or len(set(content_latents)) == L \
-            or len(set(content_factors)) == K:
+    if not (some_not_all(content_latents, L) and some_not_all(content_factors, K)):
         raise ValueError(f"content_latents {content_latents} and content_factors {content_factors} must each name "
                          f"some, not all, of the {L} latents and {K} factors")
     own = np.isin(np.arange(L), content_latents)[:, None] == np.isin(np.arange(K), content_factors)[None, :]
@@ -529,6 +540,8 @@ def train_step(vae, D, vae_opt, d_opt, x, shares_content, model="group_tcvae", b
     waits for the device."""
     if model == "group_tcvae" and (D is None or d_opt is None):
         raise ValueError("group_tcvae trains a discriminator: give D and d_opt")
+    if model == "group_tcvae" and tc_level not in TC_LEVELS:  # refused before the VAE's step, not after it
+        raise ValueError(f"unknown TC level {tc_level!r}; expected one of {', '.join(TC_LEVELS)}")
     autocast = functools.partial(torch.autocast, x.device.type, dtype=torch.bfloat16, enabled=amp,
                                  cache_enabled=False)
     # 1. The VAE's step. D is frozen: the TC term's gradient reaches the encoder through D, never D itself.
@@ -1019,14 +1032,20 @@ def prepare_run(args):
         orphan.unlink(missing_ok=True)
     if checkpoint is not None:
         merge_saved_args(args, checkpoint["args"], ckpt_path)  # the saved --device too, unless typed anew
-        saved = argparse.Namespace(**(DEFAULTS | vars(read_flags(read_config(config_path), config_path)))) \
-            if config_path.exists() else args
-        if run_name(saved) != run_name(args):  # the name holds every run-defining flag, exactly
-            raise UserError(f"{config_path} and {ckpt_path} describe different runs; one of them was put there from "
-                            "another run: move the folder out of the way")
+        check_one_run(args, config_path, ckpt_path)
         if args.steps < checkpoint["step"]:
             raise UserError(f"--steps {args.steps} is below the {checkpoint['step']:,} steps the run in {out} has "
                             f"trained; give --steps {checkpoint['step']} or more (or leave it out)")
+    elif args.resume and (out / "metrics.json").exists():  # a run's results without its checkpoint: an archive
+        if config_path.exists():
+            merge_saved_args(args, read_config(config_path), config_path)
+            if evaluated_at(out) == args.steps:
+                print(f"{out} is finished ({args.steps:,} steps, evaluated); its checkpoint.pt is not there, so "
+                      "nothing is left to do (--eval-only needs the checkpoint too)", file=sys.stderr)
+                return False
+        raise UserError(f"--resume: {out} holds a run's results (metrics.json) but no checkpoint.pt to continue it "
+                        f"from{f' to {args.steps:,} steps' if config_path.exists() else ''}; put its checkpoint "
+                        "back, or train it anew in another --out (here it would overwrite them)")
     elif args.resume and config_path.exists():
         merge_saved_args(args, read_config(config_path), config_path)
         print(f"{out} has no checkpoint (its run stopped before the first one): restarting the run its config.json "
@@ -1041,6 +1060,15 @@ def prepare_run(args):
               file=sys.stderr)
         return False
     return checkpoint
+
+
+def check_one_run(args, config_path, ckpt_path):
+    """The folder's config.json (if any) and its checkpoint, whose flags are now in args, describe one run."""
+    if config_path.exists():
+        saved = argparse.Namespace(**(DEFAULTS | vars(read_flags(read_config(config_path), config_path))))
+        if run_name(saved) != run_name(args):  # the name holds every run-defining flag, exactly
+            raise UserError(f"{config_path} and {ckpt_path} describe different runs; one of them was put there from "
+                            "another run: move the folder out of the way")
 
 
 def check_run_folder(out):
@@ -1064,7 +1092,13 @@ def evaluated_at(out):
 def merge_saved_args(args, saved, path):
     """A resumed or re-evaluated run keeps its saved flags; a run-defining flag typed anew must agree. The saved
     flags are read by the parser that reads typed ones, and the merged flags pass the same checks."""
-    for key, value in vars(read_flags(saved, path)).items():
+    flags = vars(read_flags(saved, path))
+    if not device_available(flags.get("device", "auto")):  # a CUDA run continued where there is none, say
+        if "device" not in args.given:
+            print(f"{path.parent} was run with --device {flags['device']}, which this machine lacks: using --device "
+                  "auto", file=sys.stderr)
+        flags["device"] = DEFAULTS["device"]
+    for key, value in flags.items():
         if key in args.given and key in RUN_DEFINING and not _same_flag(key, getattr(args, key), value, saved):
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the run in {path.parent} "
                             f"({value}); leave it out to keep the saved value, or use another --out")
@@ -1073,7 +1107,11 @@ def merge_saved_args(args, saved, path):
     try:
         check_args(args)
     except UserError as error:
-        raise UserError(f"{path} holds a flag this program refuses: {error}") from None
+        try:  # whose flag is refused: one typed now (its message names it), or a saved one?
+            check_args(argparse.Namespace(**(vars(args) | flags)))
+        except UserError:
+            raise UserError(f"{path} holds a flag this program refuses: {error}") from None
+        raise
 
 
 def _same_flag(key, typed, saved_value, saved):
@@ -1261,7 +1299,8 @@ class ArrayData(GroupedData):
 
 def _progress(label, done, total):
     if sys.stderr.isatty() or done >= total:
-        sys.stderr.write(f"\r{label}: {done / max(total, 1):6.1%} ({done:,}/{total:,})" + ("\n" if done >= total else ""))
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\r{label}: {done / max(total, 1):6.1%} ({done:,}/{total:,}){end}")
         sys.stderr.flush()
 
 
@@ -1905,6 +1944,15 @@ def check_args(args):
     return args
 
 
+def device_available(name):
+    """Whether --device `name` is one this machine has."""
+    try:
+        resolve_device(name)
+        return True
+    except UserError:
+        return False
+
+
 def resolve_device(name):
     """--device -> a torch.device that this machine has; a clear error for a misspelt or missing one."""
     if name == "auto":
@@ -2136,6 +2184,7 @@ def eval_only(args):
     path = Path(args.out) / "checkpoint.pt"
     checkpoint = load_checkpoint(path)
     merge_saved_args(args, checkpoint["args"], path)
+    check_one_run(args, Path(args.out) / "config.json", path)
     run, = build_runs([args], [checkpoint], [path])
     return evaluate_and_plot(run, args.out, args.eval_samples)
 
@@ -2954,6 +3003,8 @@ def load_runs(runs_dir):
                 raise ValueError("its MI matrix, factors or scores do not agree")
             for key in ("model", "dataset", "beta", "gamma", "steps"):
                 m[key]  # noqa: B018 (present, or KeyError)
+            if not isinstance(m["steps"], int):
+                raise ValueError(f"its steps is {m['steps']!r}, not a whole number")
         except (OSError, ValueError, KeyError, TypeError) as error:
             print(f"skipping {path}: not a metrics.json of this program ({type(error).__name__}: {error})",
                   file=sys.stderr)

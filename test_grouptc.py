@@ -4,14 +4,12 @@ CLI. Run: python -m pytest -q test_grouptc.py"""
 import argparse
 import collections
 import contextlib
-import csv
 import errno
 import hashlib
 import itertools
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -258,6 +256,13 @@ def test_sampler_is_reproducible_from_its_generator():
     assert not torch.equal(a[0], c[0])
 
 
+def test_the_sampler_takes_indices_of_some_not_all_factors():
+    g = torch.Generator().manual_seed(0)
+    for content in (("shape", "scale"), (7,), tuple(range(5)), (), (1, 1)):
+        with pytest.raises(ValueError, match="indices of some, not all, of the 5 factors"):
+            gt.sample_groups(gt.DSPRITES_SIZES, content, 8, generator=g)
+
+
 def test_content_factor_names_are_checked():
     names = list(gt.DSPRITES_FACTORS)
     assert gt.resolve_factors("scale, shape", names) == (0, 1)
@@ -462,6 +467,15 @@ def test_discriminator_update_leaves_the_encoder_gradients_untouched(tmp_path):
     assert not all(torch.equal(b, p) for b, p in zip(D_before, run.D.parameters()))
 
 
+def test_train_step_refuses_a_bad_tc_level_before_it_steps(tmp_path):
+    run = tiny_run(tmp_path)
+    x, shares = tiny_batch(run)
+    before = [p.detach().clone() for p in run.vae.parameters()]
+    with pytest.raises(ValueError, match="unknown TC level 'Full'"):
+        gt.train_step(run.vae, run.D, run.vae_opt, run.d_opt, x, shares, tc_level="Full")
+    assert all(torch.equal(a, b) for a, b in zip(before, run.vae.parameters()))
+
+
 def test_objectives_assemble_their_terms(tmp_path):
     run = tiny_run(tmp_path, "--beta", "3", "--gamma", "5")
     classes, shares = gt.sample_groups(run.data.factor_sizes, run.content_factors, 4, 2, run.data_gen)
@@ -614,6 +628,14 @@ def test_metrics_reject_bad_input():
         gt.mutual_info_matrix(np.zeros((2, 1)), np.zeros((2, 1)))
     with pytest.raises(ValueError, match="N = len"):
         gt.mutual_info_matrix(np.zeros((3, 1)), np.zeros((2, 1), int))
+    codes, factors = np.random.default_rng(0).standard_normal((50, 3)), np.arange(100).reshape(50, 2) % 3
+    with pytest.raises(ValueError, match="at least 2 columns, got 1"):
+        gt.mig(codes[:, :1], factors)
+    with pytest.raises(ValueError, match="single value"):
+        gt.mig(codes, np.zeros((50, 2), int))
+    for latents, content in (([0], ("shape",)), ([0], [0, 0]), ([0], [0, 1]), ([0, 1, 2], [0]), ([], [0])):
+        with pytest.raises(ValueError, match="some, not all"):
+            gt.group_mig(codes, factors, latents, content)
 
 
 # ------------------------------------------------------------------------------------------------ training runs
@@ -907,6 +929,64 @@ def test_resume_keeps_the_saved_device_and_survives_a_device_change(tmp_path, mo
 BASE = ["--dataset", "dsprites_procedural", "--device", "cpu", *TINY]
 
 
+def test_results_without_their_checkpoint_are_never_trained_over(tmp_path, capsys):
+    out = tmp_path / "runs" / "run"  # an archive's run: its small files, its checkpoint left out
+    assert gt.main(["--model", "gvae", "--out", str(out), *BASE]) == 0
+    (out / "checkpoint.pt").unlink()
+    kept = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".lock"}
+    for argv, code, said in ((["--resume", "--out", str(out)], 0, "nothing is left to do"),
+                             (["--resume", "--out", str(tmp_path / "runs")], 0, "nothing is left to do"),
+                             (["--resume", "--out", str(out), "--steps", "9"], 2, "no checkpoint.pt to continue it "
+                                                                                 "from to 9 steps")):
+        assert gt.main(argv) == code
+        assert said in capsys.readouterr().err
+    (out / "config.json").unlink()
+    del kept["config.json"]
+    assert gt.main(["--resume", "--out", str(out), "--model", "mlvae", *BASE]) == 2  # a run of other flags
+    assert "holds a run's results (metrics.json) but no checkpoint.pt" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".lock"} == kept
+
+
+def test_a_refused_flag_typed_now_is_not_blamed_on_the_saved_run(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert gt.main(["--model", "gvae", "--out", out, *BASE]) == 0
+    for argv, flag in ((["--eval-only", "--eval-samples", "50"], "--eval-samples must be 0"),
+                       (["--resume", "--steps", "0"], "--steps must be positive")):
+        assert gt.main([*argv, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "holds a flag" not in err
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    checkpoint["args"]["log_every"] = -1
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")
+    assert gt.main(["--eval-only", "--out", out]) == 2  # this one is the saved file's
+    assert "checkpoint.pt holds a flag this program refuses: --log-every must be positive" in capsys.readouterr().err
+
+
+def test_eval_only_refuses_a_checkpoint_of_another_run(tmp_path, capsys):
+    assert gt.main(["--model", "gvae", "--out", str(tmp_path / "gvae"), *BASE]) == 0
+    assert gt.main(["--model", "mlvae", "--out", str(tmp_path / "mlvae"), *BASE]) == 0
+    before = (tmp_path / "mlvae" / "metrics.json").read_bytes()
+    shutil.copy(tmp_path / "gvae" / "checkpoint.pt", tmp_path / "mlvae" / "checkpoint.pt")  # put back wrongly
+    assert gt.main(["--eval-only", "--out", str(tmp_path / "mlvae")]) == 2
+    assert "describe different runs" in capsys.readouterr().err
+    assert (tmp_path / "mlvae" / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_run_goes_on_where_there_is_no_cuda(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", "--out", str(out), *BASE]) == 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["args"]["device"] = "cuda"  # as benchmarks/gpu_grid.sh and run_paper.sh on a GPU save it
+    torch.save(checkpoint, out / "checkpoint.pt")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"device": "cuda"}))
+    for argv in (["--eval-only"], ["--resume", "--steps", "8"]):
+        assert gt.main([*argv, "--out", str(out)]) == 0
+        assert "was run with --device cuda, which this machine lacks: using --device auto" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 8
+
+
 def test_resume_without_a_checkpoint_restarts_the_run_its_config_defines(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -1127,12 +1207,13 @@ def test_ctrl_c_during_evaluation_is_a_clear_message(tmp_path, monkeypatch, caps
 def test_summary_skips_metrics_of_the_wrong_structure(tmp_path, capsys):
     out = tmp_path / "runs" / "good"
     assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
-    for name, text in (("a", '{"mig": 0.1}'), ("b", "[1, 2]"), ("c", "not json")):
+    steps_as_text = json.loads((out / "metrics.json").read_text()) | {"steps": "5"}
+    for name, text in (("a", '{"mig": 0.1}'), ("b", "[1, 2]"), ("c", "not json"), ("d", json.dumps(steps_as_text))):
         (tmp_path / "runs" / name).mkdir()
         (tmp_path / "runs" / name / "metrics.json").write_text(text)
     assert gt.main(["--summarize", str(tmp_path / "runs")]) == 0
     err = capsys.readouterr().err
-    assert err.count("skipping") == 3 and "Traceback" not in err
+    assert err.count("skipping") == 4 and "'5', not a whole number" in err and "Traceback" not in err
     assert "| gvae (batch 4) | 1 |" in (tmp_path / "runs" / "results.md").read_text()
 
 
