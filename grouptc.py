@@ -3311,4 +3311,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a script's background job (run_paper.sh's workers)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # starts with Ctrl-C ignored: take it back
     sys.exit(main())

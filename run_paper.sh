@@ -48,6 +48,9 @@
 # to see every run finished. Each process's output goes to RUNS_DIR/logs/. Under SLURM, submit from the
 # repository's folder with the same overrides set.
 set -euo pipefail
+for v in RUNS_DIR DATA_DIR; do  # given relative: to the folder you run this from, not to the script's
+  [ -n "${!v:-}" ] && [[ ${!v} != /* ]] && printf -v "$v" '%s' "$PWD/${!v}"
+done
 if [ -n "${SLURM_SUBMIT_DIR:-}" ] && [ -f "$SLURM_SUBMIT_DIR/grouptc.py" ]; then
   cd "$SLURM_SUBMIT_DIR"  # sbatch runs a copy of this script from its spool folder
 else
@@ -89,7 +92,7 @@ GPUS=(${GPUS:-})
 JOBS=${JOBS-1}
 # Runs trained together in one process (a sweep). Default: 1 (one run a process) unless GPUS is given; then as
 # many as the smallest listed GPU holds at MIB_PER_RUN each, at most 64. MIB_PER_RUN (256) is an estimate: a
-# group-tcVAE run's weights, gradients and Adam states take 91 MiB (5.7 M parameters), its activations at 32 pairs
+# group-tcVAE run's weights, gradients and Adam states take 87 MiB (5.7 M parameters), its activations at 32 pairs
 # a few tens more. Under SLURM set it explicitly, the same where you count entries and where the tasks run.
 MIB_PER_RUN=${MIB_PER_RUN-256}
 if [ -z "${SWEEP_SIZE:-}" ]; then
@@ -120,7 +123,10 @@ if [ -n "$METRICS" ]; then
   $PYTHON -c 'import sys, grouptc; grouptc.parse_metrics(sys.argv[1])' "$METRICS" 2>/dev/null ||
     die "METRICS must be all or a comma list of grouptc.py's metrics (see its --help at --metrics), got '$METRICS'"
 fi
-for s in "${SEEDS[@]}"; do [[ $s =~ ^[0-9]+$ ]] || die "SEEDS must be whole numbers, got '$s'"; done
+for s in "${SEEDS[@]}"; do
+  [[ $s =~ ^[0-9]{1,15}$ ]] || die "SEEDS must be whole numbers (up to 15 digits), got '$s'"
+done
+[[ $METRICS =~ [[:space:]] ]] && die "METRICS is one comma list without spaces (all, or e.g. mig,sap), got '$METRICS'"
 for n in "${TCVAE_BETAS[@]}" "${TCVAE_GAMMAS[@]}" "${MLVAE_BETAS[@]}" "${GVAE_BETAS[@]}" "${ADA_BETAS[@]}" \
   "$ABLATION_BETA" "$ABLATION_GAMMA"; do
   [[ $n =~ ^[0-9]+([.][0-9]+)?$ ]] || die "betas and gammas must be non-negative numbers, got '$n'"
@@ -250,6 +256,16 @@ for d in "${DATASETS[@]}"; do
   done
 done
 
+# Every command through the program's own parser and checks (EVAL_SAMPLES against the data set's size, DEVICE, K
+# against its factors, ...), so that a bad value stops the grid here rather than failing each of its runs.
+printf '%s\n' "${CMDS[@]}" | "$PYTHON" -c 'import shlex, sys, grouptc
+for line in sys.stdin:
+    argv = shlex.split(line)
+    try:
+        grouptc.expand(grouptc.parse_args(argv[argv.index("grouptc.py") + 1:]))
+    except grouptc.UserError as error:
+        sys.exit(f"run_paper.sh: a command of the grid is refused: {error}")' || exit 2
+
 if [ -n "${DRY_RUN:-}" ]; then
   printf '%s\n' "${CMDS[@]}"
   exit 0
@@ -274,6 +290,7 @@ run_entry() {  # run_entry INDEX ENV_PREFIX: run entry INDEX unless it is finish
   case $rc in
     0) echo "[$(date +%H:%M:%S)] done  $log" >&2 ;;
     3) echo "[$(date +%H:%M:%S)] skip  $log (another process is training it)" >&2 ;;
+    130) echo "[$(date +%H:%M:%S)] stop  $log (interrupted: checkpointed; run this script again to continue)" >&2 ;;
     *) echo "[$(date +%H:%M:%S)] FAILED $log (see it)" >&2 ;;
   esac
   return $rc
@@ -287,13 +304,18 @@ if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then  # one entry per array task; the summ
   exit $?
 fi
 
-worker() {  # worker ENV_PREFIX: every entry in turn; a held or finished one is passed by
-  local i
-  for i in "${!CMDS[@]}"; do run_entry "$i" "$1" || true; done
+worker() {  # worker ENV_PREFIX: every entry in turn; a held or finished one is passed by; an interrupted one stops it
+  local i rc
+  for i in "${!CMDS[@]}"; do
+    rc=0; run_entry "$i" "$1" || rc=$?
+    [ "$rc" -ne 130 ] || return 130  # Ctrl-C (or SIGTERM): the run checkpointed and stopped; so does the grid
+  done
 }
 
 echo "run_paper.sh: $(wc -w <<<"${MEMBERS[*]}") runs in ${#CMDS[@]} processes, in $RUNS_DIR" >&2
 mkdir -p "$RUNS_DIR"
+trap 'echo "run_paper.sh: interrupted; each run checkpoints after its current step and stops. Run this script again" \
+  "to continue" >&2; wait; exit 130' INT TERM
 if [ ${#GPUS[@]} -gt 0 ]; then
   for gpu in "${GPUS[@]}"; do worker "CUDA_VISIBLE_DEVICES=$gpu" & done
 else

@@ -1260,12 +1260,49 @@ def test_summary_prints_no_warnings(tmp_path, recwarn, real_figures):
     ({"TC_LEVELS": "inter most"}, "unknown level 'most'"),
     ({"DATASETS": "mnist"}, "unknown data set 'mnist'"),
     ({"OMP_NUM_THREADS": "all"}, "OMP_NUM_THREADS must be a positive whole number"),
+    ({"METRICS": "mig, sap"}, "METRICS is one comma list without spaces"),
+    ({"SEEDS": "9" * 19}, "SEEDS must be whole numbers (up to 15 digits)"),
+    # the rest by the program's own checks, on every command of the grid
+    ({"EVAL_SAMPLES": "50", "DATASETS": "dsprites_procedural"}, "refused: --eval-samples must be 0 (all points)"),
+    ({"DEVICE": "gpu"}, "refused: --device: unsupported device 'gpu'"),
+    ({"K": "7", "PAIRS": "k_factors"}, "refused: --k must be rnd or 1 .. 4"),
 ])
 def test_run_paper_checks_its_settings_up_front(tmp_path, env, message):
     done = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, capture_output=True, text=True,
                           env=os.environ | {"RUNS_DIR": str(tmp_path / "runs"), "DRY_RUN": "1"} | env)
     assert done.returncode == 2 and message in done.stderr and done.stdout == ""
     assert not (tmp_path / "runs").exists()
+
+
+def test_run_paper_takes_relative_folders_from_where_it_is_run(tmp_path):
+    done = subprocess.run(["bash", str(HERE / "run_paper.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          check=True, env=os.environ | {"RUNS_DIR": "mine", "DATA_DIR": "d", "DRY_RUN": "1"})
+    first = done.stdout.splitlines()[0]
+    assert f"--data-dir {tmp_path}/d " in first and f"--out {tmp_path}/mine/dsprites/" in first
+
+
+def test_ctrl_c_stops_the_whole_run_paper_grid_after_a_checkpoint(tmp_path):
+    env = os.environ | {"STEPS": "100000", "SEEDS": "0 1", "DATASETS": "dsprites_procedural", "ONLY_MODELS": "gvae",
+                        "GVAE_BETAS": "1", "GROUP_SIZES": "2", "BATCH_SIZE": "4", "EVAL_SAMPLES": "100",
+                        "CHECKPOINT_EVERY": "2", "LOG_EVERY": "2", "JOBS": "1", "RUNS_DIR": str(tmp_path / "runs"),
+                        "PYTHON": sys.executable}
+    # A terminal's Ctrl-C: SIGINT to the script's whole process group (the workers are its background jobs)
+    grid = subprocess.Popen(["bash", "run_paper.sh"], cwd=HERE, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    log = tmp_path / "runs" / "logs" / "gvae_dsprites_procedural_beta1_gamma0_gs2_tc-inter_bs4_seed0.log"
+    try:
+        deadline = time.time() + 120
+        while not (log.exists() and "step " in log.read_text()) and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(grid.pid, signal.SIGINT)
+        err = grid.communicate(timeout=120)[1]
+    finally:  # nothing left running, whatever happened
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(grid.pid, signal.SIGKILL)
+    assert grid.returncode == 130 and "interrupted; each run checkpoints" in err and "stop  " in err
+    assert "stopped at step" in log.read_text()
+    assert (log.parent.parent / "dsprites_procedural" / log.stem / "checkpoint.pt").exists()
+    assert not log.with_name(log.name.replace("seed0", "seed1")).exists()  # the grid's next run never started
 
 
 def test_the_gpu_grid_script_runs_whole_on_the_cpu(tmp_path):
