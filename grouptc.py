@@ -2990,6 +2990,7 @@ def load_runs(runs_dir):
             flags = None
         if not path.exists():
             if isinstance(flags, dict) and {"model", "dataset", "beta", "gamma", "steps"} <= set(flags):
+                print(f"leaving out {folder}: not evaluated yet (no metrics.json)", file=sys.stderr)
                 unfinished.append(flags | {"path": str(folder)})
             continue
         try:
@@ -3060,12 +3061,24 @@ def _stat(group, score, reduce):
     return f"{reduce(values):.3f}{some}" if values else "-"
 
 
+def _setting_order(key):
+    """Rows of results.md in the models' order, then by label and settings."""
+    return _model_order(key[0].split()[0]), key
+
+
+def unfinished_line(unfinished, title):
+    """One line of results.md: the unfinished runs (their flags), counted per setting."""
+    waiting = collections.Counter(setting(u) for u in unfinished)
+    return f"{title}: " + "; ".join(
+        f"{label}, beta {beta:g}, gamma {gamma:g}, {steps:,} steps: {n} run{'s' * (n > 1)}"
+        for (label, beta, gamma, steps), n in sorted(waiting.items(), key=lambda kv: _setting_order(kv[0]))) + "."
+
+
 def results_table(rs, dataset, unfinished=()):
     """results.md's section for one data set: per model, per setting (each seed), per factor. A row pools only
     runs that agree on every run-defining flag but the seed, and on their steps."""
     scores = [k for k in SCORES if any(k in m for m in rs)]
-    order = lambda key: (_model_order(key[0].split()[0]), key)  # noqa: E731
-    labels = sorted({(run_label(m), m["steps"]) for m in rs}, key=order)
+    labels = sorted({(run_label(m), m["steps"]) for m in rs}, key=_setting_order)
     columns = [(k, s, f) for k in scores for s, f in (("mean", np.mean), ("median", np.median), ("best", np.max))
                if k in PAPER_METRICS or s == "mean"]  # the paper's scores in full, the others' means
     paper = [k for k in scores if k in PAPER_METRICS]
@@ -3080,17 +3093,14 @@ def results_table(rs, dataset, unfinished=()):
               + " | ".join(f"{SCORES[k]} per seed" for k in paper) + " |",
               "|---|---|---|---|---|" + "---|" * (len(scores) + len(paper))]
     by_setting = {key: sorted([m for m in rs if setting(m) == key], key=lambda m: m.get("seed", 0))
-                  for key in sorted({setting(m) for m in rs}, key=order)}
+                  for key in sorted({setting(m) for m in rs}, key=_setting_order)}
     for (label, beta, gamma, steps), group in by_setting.items():
         seeds = lambda k: ", ".join(f"{m[k]:.3f}" if k in m else "-" for m in group)  # noqa: E731
         lines.append(f"| {label} | {beta:g} | {gamma:g} | {steps:,} | {len(group)} | "
                      + " | ".join(_stat(group, k, np.mean) for k in scores) + " | "
                      + " | ".join(seeds(k) for k in paper) + " |")
-    waiting = collections.Counter(setting(u) for u in unfinished)
-    if waiting:
-        lines += ["", "Unfinished (not counted above): " + "; ".join(
-            f"{label}, beta {beta:g}, gamma {gamma:g}, {steps:,} steps: {n} run{'s' * (n > 1)}"
-            for (label, beta, gamma, steps), n in sorted(waiting.items(), key=lambda kv: order(kv[0]))) + "."]
+    if unfinished:
+        lines += ["", unfinished_line(unfinished, "Unfinished (not counted above)")]
     names = rs[0]["factor_names"]
     for score in (k for k in scores if k in PER_FACTOR):
         for split in sorted({content_names(m) for m in rs}):  # one table per content split: its columns' marks
@@ -3208,7 +3218,7 @@ def figure_scores(rs, dataset, path):
     logs = {m["path"]: read_log(Path(m["path"]) / "scores.csv") for m in rs
             if (Path(m["path"]) / "scores.csv").exists()}
     settings = sorted({setting(m) for m in rs if m["path"] in logs},
-                      key=lambda s: (_model_order(s[0].split()[0]), s))
+                      key=_setting_order)
     if not settings:
         return
     plt = _plt()
@@ -3256,6 +3266,9 @@ def summarize(runs_dir):
         figure_3b(rs, dataset, runs_dir / f"figure3b_{dataset}.png")
         figure_3c(rs, dataset, runs_dir / f"figure3c_{dataset}.png")
         figure_scores(rs, dataset, runs_dir / f"scores_{dataset}.png")
+    for dataset in sorted({u["dataset"] for u in unfinished} - {m["dataset"] for m in runs}):
+        lines += [f"## {dataset}", "", unfinished_line([u for u in unfinished if u["dataset"] == dataset],
+                                                       "No run finished yet. Unfinished"), ""]
     write_text_atomic(runs_dir / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote results.md and figures to {runs_dir}", file=sys.stderr)

@@ -1020,9 +1020,11 @@ def test_a_run_folder_is_held_by_one_process(tmp_path, capsys):
 
 
 def test_two_run_paper_sh_on_one_runs_dir_never_train_a_run_twice(tmp_path):
-    env = os.environ | {"STEPS": "40", "SEEDS": "0 1", "DATASETS": "dsprites_procedural", "ONLY_MODELS": "gvae",
+    # runs long enough (~10 s each) that the second script, whose start-up checks every command (a few seconds),
+    # reaches the first run while the first script still trains it
+    env = os.environ | {"STEPS": "160", "SEEDS": "0 1", "DATASETS": "dsprites_procedural", "ONLY_MODELS": "gvae",
                         "BASE_BETAS": "1", "GROUP_SIZES": "2", "BATCH_SIZE": "4", "EVAL_SAMPLES": "200",
-                        "LOG_EVERY": "20",
+                        "LOG_EVERY": "80",
                         "JOBS": "1", "RUNS_DIR": str(tmp_path / "runs"), "PYTHON": sys.executable,
                         "OMP_NUM_THREADS": "1"}  # two scripts share the cores (both cores each: oversubscribed)
     start = lambda: subprocess.Popen(["bash", "run_paper.sh"], cwd=HERE, env=env, stderr=subprocess.PIPE,
@@ -1039,7 +1041,7 @@ def test_two_run_paper_sh_on_one_runs_dir_never_train_a_run_twice(tmp_path):
     for run in runs:
         log = tmp_path / "runs" / "logs" / f"{run.name}.log"  # the output of the processes that ran it
         assert log.read_text().count("training ") == 1, run  # trained by one process only
-        assert [r["step"] for r in gt.read_log(run / "log.csv")] == ["20", "40"]  # no interleaved rows
+        assert [r["step"] for r in gt.read_log(run / "log.csv")] == ["80", "160"]  # no interleaved rows
     assert "another process is training it" in errs[1]
     assert (tmp_path / "runs" / "results.md").exists()  # the last to see every run done summarises
 
@@ -1648,11 +1650,15 @@ def test_the_summary_pools_only_comparable_runs_and_counts_each_once(tmp_path, c
     metrics(tmp_path / "d", content_factors=["shape", "posX"], content_latents=[8, 9])
     metrics(tmp_path / "short", config={"steps": 400}, steps=239)  # evaluated halfway
     fake_run(tmp_path / "waiting", steps=10, batch_size=32)
+    fake_run(tmp_path / "other_data", steps=10, dataset="shapes3d_procedural")  # its data set: none finished
     assert gt.main(["--summarize", str(tmp_path)]) == 0
     err, table = capsys.readouterr().err, (tmp_path / "results.md").read_text()
     assert "holds the same run as" in err and "leaving out" in err and "239 of its 400" in err
+    assert "other_data: not evaluated yet" in err
+    assert "## shapes3d_procedural\n\nNo run finished yet. Unfinished: gvae, beta 1, gamma 0, 10 steps: 1 run." in table
+    shutil.rmtree(tmp_path / "other_data")
     assert "the figures show the 2 runs of 20 steps, not the 3 shorter ones" in err
-    assert "# Results: 5 runs" in table and "(2 more unfinished)" in table
+    assert "# Results: 5 runs" in table and "(3 more unfinished)" in table
     assert "0.250 (1 of 2 runs)" in table  # a score only some of a row's runs have says so
     for row in ("| gvae | 1 | 10 |", "| gvae | 2 | 20 |", "| gvae (batch 64) | 1 | 10 |",
                 "| gvae (z 10, z_c 2) (content shape,posX) | 1 | 10 |"):
