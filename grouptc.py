@@ -656,11 +656,16 @@ class Run:
                 "vae": weights(self.vae), "vae_opt": vae_opt, "D": weights(self.D) if self.D is not None else None,
                 "d_opt": d_opt, "data_gen": self.data_gen.get_state(), "model_gen": self.model_gen.get_state(),
                 "log_sum": log_sum, "log_count": log_count, "torch_threads": self.threads,
-                "machines": self.machines}
+                "machines": self.machines, "factor_sizes": list(self.data.factor_sizes)}
 
     def load(self, checkpoint, path):
         """A checkpoint (load_checkpoint()) into this run: weights, optimisers, generators, step."""
         c = checkpoint
+        saved = c.get("factor_sizes") if isinstance(c, dict) else None  # unknown for earlier checkpoints
+        if saved is not None and tuple(saved) != self.data.factor_sizes:
+            raise UserError(f"the checkpoint {path} was trained on data with factor sizes {tuple(saved)}, but "
+                            f"{self.data.name} here has {self.data.factor_sizes}: a run goes on with the data it "
+                            "started on; point --data-dir at that file (or train anew in another --out)")
         try:
             self.vae.load_state_dict(c["vae"])
             load_adam(self.vae_opt, c["vae_opt"])
@@ -2899,7 +2904,8 @@ def evaluate_and_plot(run, out, n_samples):
                         "train_seconds": round(run.train_seconds, 3), "beta": a.beta, "gamma": a.gamma,
                         "group_size": a.group_size, "tc_level": a.tc_level, "pairs": a.pairs, "k": a.k, "seed": a.seed,
                         "batch_size": a.batch_size, "latent_dim": a.latent_dim, "content_dims": a.content_dims,
-                        "torch_threads": run.threads, "machines": run.machines}
+                        "torch_threads": run.threads, "machines": run.machines,
+                        "factor_sizes": list(run.data.factor_sizes)}
     title = figure_title(metrics)
     plot_mi_matrix(metrics, out / "mi_matrix.png")
     plot_reconstructions(run, out / "reconstructions.png", title, seed=a.seed)
@@ -2952,6 +2958,7 @@ def run_label(m):
     label = m["model"]
     latent, content = _dims(m)
     default, chosen = DEFAULT_CONTENT.get(m["dataset"]), content_names(m)
+    official, sizes = DATASET_SIZES.get(m["dataset"]), tuple(m.get("factor_sizes") or ())  # a sub-grid file's
     tc = m.get("tc_level", "inter")
     for what, differs in ((f"group size {m.get('group_size')}", m.get("group_size", 2) != 2),
                           (f"TC {tc}", m["model"] == "group_tcvae" and tc != "inter"),
@@ -2959,7 +2966,8 @@ def run_label(m):
                           (f"batch {m.get('batch_size')}", m.get("batch_size", 32) != DEFAULTS["batch_size"]),
                           (f"z {latent}, z_c {content}",
                            (latent, content) != (DEFAULTS["latent_dim"], DEFAULTS["content_dims"])),
-                          (f"content {','.join(chosen)}", default is not None and chosen != default)):
+                          (f"content {','.join(chosen)}", default is not None and chosen != default),
+                          (f"factor sizes {','.join(map(str, sizes))}", bool(sizes) and sizes != official)):
         label += f" ({what})" if differs else ""
     return label
 
@@ -3000,7 +3008,9 @@ def load_runs(runs_dir):
             if not (mi.ndim == 2 and mi.shape[1] == K == len(m["factor_entropy"])
                     and all(math.isfinite(m[k]) for k in SCORES if k in m)
                     and set(m["content_factors"]) <= set(m["factor_names"])
-                    and all(0 <= i < len(mi) for i in m["content_latents"])):
+                    and all(0 <= i < len(mi) for i in m["content_latents"])
+                    and ("factor_sizes" not in m or len(m["factor_sizes"]) == K
+                         and all(type(n) is int and n > 0 for n in m["factor_sizes"]))):
                 raise ValueError("its MI matrix, factors or scores do not agree")
             for key in ("model", "dataset", "beta", "gamma", "steps"):
                 m[key]  # noqa: B018 (present, or KeyError)
@@ -3118,17 +3128,20 @@ def results_table(rs, dataset, unfinished=()):
     return lines + [""]
 
 
-def on_main_grid(m):
-    """Whether a run is of the paper's main grid, as Figures 4 and 3(b) pool them: pairs, and TC inter."""
-    return (m.get("group_size", 2) == 2 and m.get("pairs", "groups") == "groups"
-            and (m["model"] != "group_tcvae" or m.get("tc_level", "inter") == "inter"))
+def on_main_grid(m, any_group_size=False):
+    """Whether a run is of the paper's main grid, as Figures 4 and 3(b) pool them (and 3(c), of any group size):
+    its label names nothing but its model (run_label: the paper's group pairs, TC inter, the default batch size,
+    dims and content factors, the official factor sizes)."""
+    return run_label(m | {"group_size": 2} if any_group_size else m) == m["model"]
 
 
 def figure_4(rs, dataset, path):
     """Figure 4: the density of each score per model over the paper's main grid (pairs, TC inter); points alone
     for a model with fewer than 3 runs."""
-    plt = _plt()
     main_runs = [m for m in rs if on_main_grid(m)]
+    if not main_runs:
+        return  # none of the paper's grid: no figure (the table has the runs)
+    plt = _plt()
     scores = [k for k in sorted(SCORES, key=lambda k: k != "group_mig") if any(k in m for m in main_runs)]
     cols = min(max(len(scores), 1), 4)
     rows = -(-max(len(scores), 1) // cols)
@@ -3186,7 +3199,7 @@ def figure_3c(rs, dataset, path):
     groups use each model's first beta; its pairs are compared at the same beta(s)."""
     plt = _plt()
     base = [m for m in rs if m["model"] in MODELS and MODELS[m["model"]].baseline and "mig" in m
-            and m.get("pairs", "groups") == "groups"]
+            and on_main_grid(m, any_group_size=True)]
     if not base:
         return
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
@@ -3262,6 +3275,10 @@ def summarize(runs_dir):
             print(f"{dataset}: the figures show the {sum(m['steps'] == steps for m in rs)} runs of {steps:,} steps, "
                   f"not the {sum(m['steps'] != steps for m in rs)} shorter ones (the table has them)", file=sys.stderr)
             rs = [m for m in rs if m["steps"] == steps]
+        off = [m for m in rs if not on_main_grid(m, any_group_size=True)]  # larger groups: Figure 3(c)'s
+        if off:
+            print(f"{dataset}: Figures 4 and 3 leave out the {len(off)} runs off the paper's grid "
+                  f"({'; '.join(sorted({run_label(m) for m in off}))}); the table has them", file=sys.stderr)
         figure_4(rs, dataset, runs_dir / f"figure4_{dataset}.png")
         figure_3b(rs, dataset, runs_dir / f"figure3b_{dataset}.png")
         figure_3c(rs, dataset, runs_dir / f"figure3c_{dataset}.png")

@@ -50,16 +50,16 @@ def test_index_round_trip():
 TINY_DSPRITES = (1, 3, 2, 2, 3, 2)  # color, shape, scale, orientation, posX, posY: 72 images
 
 
-def tiny_dsprites_arrays(seed=0):
+def tiny_dsprites_arrays(seed=0, sizes=TINY_DSPRITES):
     rng = np.random.default_rng(seed)
-    n = int(np.prod(TINY_DSPRITES))
-    classes = np.stack(np.unravel_index(np.arange(n), TINY_DSPRITES), 1).astype(np.int64)
+    n = int(np.prod(sizes))
+    classes = np.stack(np.unravel_index(np.arange(n), sizes), 1).astype(np.int64)
     imgs = rng.integers(0, 2, (n, 64, 64), dtype=np.uint8)
     return imgs, classes
 
 
 def write_dsprites_npz(path, imgs, classes):
-    metadata = {"latents_sizes": np.array(TINY_DSPRITES), "latents_names": ("color", "shape", "scale",
+    metadata = {"latents_sizes": classes.max(0) + 1, "latents_names": ("color", "shape", "scale",
                                                                             "orientation", "posX", "posY")}
     np.savez_compressed(path, imgs=imgs, latents_classes=classes, latents_values=classes.astype(np.float64),
                         metadata=np.array(metadata, dtype=object))
@@ -835,7 +835,7 @@ def test_a_tiny_grid_runs_through_run_paper_and_the_summary_whatever_the_packing
     env = os.environ | {"STEPS": "2", "SEEDS": "0", "DATASETS": "dsprites_procedural", "TCVAE_BETAS": "10",
                         "TCVAE_GAMMAS": "1", "BASE_BETAS": "1", "GROUP_SIZES": "2", "TC_LEVELS": "inter",
                         "ABLATION_GAMMA": "1", "ADA_MODELS": "ada_gvae", "ADA_BETAS": "1", "PAIRS": "k_factors",
-                        "BATCH_SIZE": "4", "EVAL_SAMPLES": "200", "JOBS": "2", "RUNS_DIR": str(tmp_path / "runs"),
+                        "EVAL_SAMPLES": "200", "JOBS": "2", "RUNS_DIR": str(tmp_path / "runs"),
                         "PYTHON": sys.executable}
     done = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -845,8 +845,9 @@ def test_a_tiny_grid_runs_through_run_paper_and_the_summary_whatever_the_packing
     for name in ("figure4", "figure3b", "figure3c"):
         assert (tmp_path / "runs" / f"{name}_dsprites_procedural.png").stat().st_size > 5_000
     table = (tmp_path / "runs" / "results.md").read_text()
-    assert "| group_tcvae (batch 4) | 1 |" in table and "| mlvae (batch 4) | 1 |" in table
-    assert "| ada_gvae (k_factors, k rnd) (batch 4) | 1 |" in table
+    assert "| group_tcvae | 10 | 1 | 2 |" in table and "| mlvae | 1 | 0 | 2 |" in table
+    assert "| ada_gvae (k_factors, k rnd) | 1 | 0 | 2 |" in table  # off the paper's grid: in the table alone
+    assert "Figures 4 and 3 leave out the 1 runs off the paper's grid (ada_gvae (k_factors, k rnd))" in done.stderr
     before = {r.name: (r / "metrics.json").read_bytes() for r in runs}
     again = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=env | {"SWEEP_SIZE": "4"}, capture_output=True,
                            text=True)  # packed into sweeps now: every run is found finished, nothing starts
@@ -858,7 +859,7 @@ def test_a_tiny_grid_runs_through_run_paper_and_the_summary_whatever_the_packing
     runs = sorted((tmp_path / "runs" / "dsprites_procedural").iterdir())
     assert len(runs) == 6 and {r.name: (r / "metrics.json").read_bytes() for r in runs if r.name in before} == before
     table = (tmp_path / "runs" / "results.md").read_text()
-    assert "# Results: 6 runs" in table and "| gvae (batch 4) | 1 | 0 | 2 | 2 |" in table
+    assert "# Results: 6 runs" in table and "| gvae | 1 | 0 | 2 | 2 |" in table
 
 
 def test_a_summary_label_names_what_sets_a_run_apart_from_the_main_grid():
@@ -869,6 +870,13 @@ def test_a_summary_label_names_what_sets_a_run_apart_from_the_main_grid():
     assert gt.run_label(m | {"model": "group_tcvae", "tc_level": "full"}) == "group_tcvae (TC full)"
     assert gt.run_label(m | {"model": "ada_gvae", "pairs": "k_factors", "k": 1}) == "ada_gvae (k_factors, k 1)"
     assert gt.run_label(m | {"content_factors": "shape,scale"}) == "mlvae (content shape,scale)"
+    assert gt.run_label(m | {"factor_sizes": [3, 6, 40, 32, 32]}) == "mlvae"  # the official grid
+    assert gt.run_label(m | {"factor_sizes": [3, 6, 4, 8, 8]}) == "mlvae (factor sizes 3,6,4,8,8)"  # a sub-grid's
+    for off in ({"batch_size": 4}, {"latent_dim": 12}, {"content_factors": "shape,scale"}, {"pairs": "k_factors"},
+                {"factor_sizes": [3, 6, 4, 8, 8]}, {"group_size": 3}):  # Figures 4 and 3(b) pool none of these
+        assert gt.on_main_grid(m) and not gt.on_main_grid(m | off), off
+    assert gt.on_main_grid(m | {"group_size": 5}, any_group_size=True)  # Figure 3(c)'s
+    assert not gt.on_main_grid(m | {"group_size": 5, "batch_size": 4}, any_group_size=True)
 
 
 def test_summary_of_an_empty_folder_is_a_clear_error(tmp_path, capsys):
@@ -1135,6 +1143,20 @@ def test_official_files_must_hold_the_official_grid_and_pixels(tmp_path, capsys)
     assert gt.main([*argv, "--out", str(tmp_path / "a")]) == 2
     assert "--allow-subgrid" in capsys.readouterr().err
     assert gt.main([*argv, "--out", str(tmp_path / "b"), "--allow-subgrid"]) == 0
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["factor_sizes"] == [3, 2, 2, 3, 2]  # a sub-grid run says so, and is labelled so in the summary
+    assert gt.main(["--summarize", str(tmp_path / "b")]) == 0
+    assert "| gvae (batch 4) (factor sizes 3,2,2,3,2) | 1 |" in (tmp_path / "b" / "results.md").read_text()
+    other = tmp_path / "other"  # another sub-grid file: the run cannot go on with it, nor be evaluated on it
+    other.mkdir()
+    write_dsprites_npz(other / gt.DSPRITES_NPZ, *tiny_dsprites_arrays(sizes=(1, 3, 2, 2, 2, 2)))
+    before = {f.name: f.read_bytes() for f in (tmp_path / "b").iterdir()}
+    capsys.readouterr()
+    for flags in (["--resume", "--steps", "9"], ["--eval-only"]):
+        assert gt.main([*flags, "--out", str(tmp_path / "b"), "--data-dir", str(other)]) == 2
+        err = capsys.readouterr().err
+        assert "trained on data with factor sizes (3, 2, 2, 3, 2)" in err and "has (3, 2, 2, 2, 2)" in err, err
+    assert {f.name: f.read_bytes() for f in (tmp_path / "b").iterdir()} == before  # nothing written
 
 
 def test_bad_places_get_a_clear_message_before_anything_is_built(tmp_path, capsys, monkeypatch):
