@@ -305,22 +305,34 @@ if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then  # one entry per array task; the summ
 fi
 
 worker() {  # worker ENV_PREFIX: every entry in turn; a held or finished one is passed by; an interrupted one stops it
-  local i rc
+  local i rc stopping=""
+  trap 'stopping=1' INT  # the grid's stop (passed on by the script): its run checkpoints; the worker starts no other
   for i in "${!CMDS[@]}"; do
     rc=0; run_entry "$i" "$1" || rc=$?
-    [ "$rc" -ne 130 ] || return 130  # Ctrl-C (or SIGTERM): the run checkpointed and stopped; so does the grid
+    [ "$rc" -ne 130 ] && [ -z "$stopping" ] || return 130  # the run checkpointed and stopped; so does the grid
   done
 }
 
 echo "run_paper.sh: $(wc -w <<<"${MEMBERS[*]}") runs in ${#CMDS[@]} processes, in $RUNS_DIR" >&2
 mkdir -p "$RUNS_DIR"
-trap 'echo "run_paper.sh: interrupted; each run checkpoints after its current step and stops. Run this script again" \
-  "to continue" >&2; wait; exit 130' INT TERM
+# Each worker runs in a process group of its own (job control), so that a stop reaches its runs once, from here,
+# however it came: a terminal's Ctrl-C (to this script's group), or kill -INT / -TERM of this script alone.
+set -m
+WORKERS=()
+stop_grid() {
+  echo "run_paper.sh: interrupted; each run checkpoints after its current step and stops. Run this script again" \
+    "to continue" >&2
+  local w
+  for w in "${WORKERS[@]}"; do kill -INT -- "-$w" 2>/dev/null; done  # again: its runs stop at once
+  wait
+  exit 130
+}
+trap stop_grid INT TERM
 if [ ${#GPUS[@]} -gt 0 ]; then
-  for gpu in "${GPUS[@]}"; do worker "CUDA_VISIBLE_DEVICES=$gpu" & done
+  for gpu in "${GPUS[@]}"; do worker "CUDA_VISIBLE_DEVICES=$gpu" & WORKERS+=($!); done
 else
   threads=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS ))}; [ "$threads" -ge 1 ] || threads=1  # set: yours
-  for _ in $(seq "$JOBS"); do worker "OMP_NUM_THREADS=$threads" & done
+  for _ in $(seq "$JOBS"); do worker "OMP_NUM_THREADS=$threads" & WORKERS+=($!); done
 fi
 wait
 left=0

@@ -1305,12 +1305,22 @@ def test_run_paper_takes_relative_folders_from_where_it_is_run(tmp_path):
     assert f"--data-dir {tmp_path}/d " in first and f"--out {tmp_path}/mine/dsprites/" in first
 
 
-def test_ctrl_c_stops_the_whole_run_paper_grid_after_a_checkpoint(tmp_path):
+def kill_session(sid, sig):
+    """Signal every process of session `sid` (a script's, started with start_new_session: its workers have process
+    groups of their own)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                os.kill(int(stat.parent.name), sig)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill -INT", "kill -TERM"])
+def test_ctrl_c_stops_the_whole_run_paper_grid_after_a_checkpoint(tmp_path, how):
     env = os.environ | {"STEPS": "100000", "SEEDS": "0 1", "DATASETS": "dsprites_procedural", "ONLY_MODELS": "gvae",
                         "GVAE_BETAS": "1", "GROUP_SIZES": "2", "BATCH_SIZE": "4", "EVAL_SAMPLES": "100",
                         "CHECKPOINT_EVERY": "2", "LOG_EVERY": "2", "JOBS": "1", "RUNS_DIR": str(tmp_path / "runs"),
                         "PYTHON": sys.executable}
-    # A terminal's Ctrl-C: SIGINT to the script's whole process group (the workers are its background jobs)
+    # A terminal's Ctrl-C: SIGINT to the script's process group; kill: a signal to the script's process alone
     grid = subprocess.Popen(["bash", "run_paper.sh"], cwd=HERE, env=env, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = tmp_path / "runs" / "logs" / "gvae_dsprites_procedural_beta1_gamma0_gs2_tc-inter_bs4_seed0.log"
@@ -1318,11 +1328,13 @@ def test_ctrl_c_stops_the_whole_run_paper_grid_after_a_checkpoint(tmp_path):
         deadline = time.time() + 120
         while not (log.exists() and "step " in log.read_text()) and time.time() < deadline:
             time.sleep(0.2)
-        os.killpg(grid.pid, signal.SIGINT)
+        if how == "ctrl-c":
+            os.killpg(grid.pid, signal.SIGINT)
+        else:
+            os.kill(grid.pid, signal.SIGINT if how == "kill -INT" else signal.SIGTERM)
         err = grid.communicate(timeout=120)[1]
     finally:  # nothing left running, whatever happened
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(grid.pid, signal.SIGKILL)
+        kill_session(grid.pid, signal.SIGKILL)
     assert grid.returncode == 130 and "interrupted; each run checkpoints" in err and "stop  " in err
     assert "stopped at step" in log.read_text()
     assert (log.parent.parent / "dsprites_procedural" / log.stem / "checkpoint.pt").exists()
