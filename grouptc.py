@@ -1195,15 +1195,19 @@ def read_log(path):
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM: the first asks the loop to checkpoint after the current step; the second stops at once."""
+    """Ctrl-C / SIGTERM: the first asks the loop to checkpoint after the current step; another, a second or more
+    later, stops at once. (One stop can arrive twice within milliseconds: a batch system's cancel signals both the
+    process and the script that runs it, and run_paper.sh passes its stop on to its runs.)"""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.at = False, 0.0
 
     def __call__(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            if time.monotonic() - self.at > 1.0:
+                raise KeyboardInterrupt
+            return  # the same stop, twice
+        self.requested, self.at = True, time.monotonic()
         print("\ninterrupt: finishing this step and writing a checkpoint (again to stop at once)", file=sys.stderr)
 
 

@@ -306,7 +306,7 @@ fi
 
 worker() {  # worker ENV_PREFIX: every entry in turn; a held or finished one is passed by; an interrupted one stops it
   local i rc stopping=""
-  trap 'stopping=1' INT  # the grid's stop (passed on by the script): its run checkpoints; the worker starts no other
+  trap 'stopping=1' INT TERM  # the grid's stop (from the script, or a cancel): its run checkpoints; no other starts
   for i in "${!CMDS[@]}"; do
     rc=0; run_entry "$i" "$1" || rc=$?
     [ "$rc" -ne 130 ] && [ -z "$stopping" ] || return 130  # the run checkpointed and stopped; so does the grid

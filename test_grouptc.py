@@ -1305,6 +1305,19 @@ def test_run_paper_takes_relative_folders_from_where_it_is_run(tmp_path):
     assert f"--data-dir {tmp_path}/d " in first and f"--out {tmp_path}/mine/dsprites/" in first
 
 
+def test_a_stop_that_arrives_twice_at_once_is_one_stop_and_another_later_stops_at_once(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(gt.time, "monotonic", lambda: clock[0])
+    stop = gt.StopRequest()
+    stop(signal.SIGTERM, None)
+    clock[0] += 0.01
+    stop(signal.SIGINT, None)  # the same stop, passed on by run_paper.sh or sent to every process by a batch system
+    assert stop.requested
+    clock[0] += 2
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C, seconds later
+        stop(signal.SIGINT, None)
+
+
 def kill_session(sid, sig):
     """Signal every process of session `sid` (a script's, started with start_new_session: its workers have process
     groups of their own)."""
@@ -1314,7 +1327,7 @@ def kill_session(sid, sig):
                 os.kill(int(stat.parent.name), sig)
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "kill -INT", "kill -TERM"])
+@pytest.mark.parametrize("how", ["ctrl-c", "kill -INT", "kill -TERM", "cancel"])
 def test_ctrl_c_stops_the_whole_run_paper_grid_after_a_checkpoint(tmp_path, how):
     env = os.environ | {"STEPS": "100000", "SEEDS": "0 1", "DATASETS": "dsprites_procedural", "ONLY_MODELS": "gvae",
                         "GVAE_BETAS": "1", "GROUP_SIZES": "2", "BATCH_SIZE": "4", "EVAL_SAMPLES": "100",
@@ -1330,6 +1343,8 @@ def test_ctrl_c_stops_the_whole_run_paper_grid_after_a_checkpoint(tmp_path, how)
             time.sleep(0.2)
         if how == "ctrl-c":
             os.killpg(grid.pid, signal.SIGINT)
+        elif how == "cancel":  # a batch system's (SLURM's scancel, systemd's stop): SIGTERM to every process
+            kill_session(grid.pid, signal.SIGTERM)
         else:
             os.kill(grid.pid, signal.SIGINT if how == "kill -INT" else signal.SIGTERM)
         err = grid.communicate(timeout=120)[1]
