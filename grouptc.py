@@ -661,12 +661,12 @@ class Run:
     def load(self, checkpoint, path):
         """A checkpoint (load_checkpoint()) into this run: weights, optimisers, generators, step."""
         c = checkpoint
-        saved = c.get("factor_sizes") if isinstance(c, dict) else None  # unknown for earlier checkpoints
-        if saved is not None and tuple(saved) != self.data.factor_sizes:
-            raise UserError(f"the checkpoint {path} was trained on data with factor sizes {tuple(saved)}, but "
-                            f"{self.data.name} here has {self.data.factor_sizes}: a run goes on with the data it "
-                            "started on; point --data-dir at that file (or train anew in another --out)")
         try:
+            saved = c.get("factor_sizes")  # unknown for earlier checkpoints
+            if saved is not None and tuple(saved) != self.data.factor_sizes:
+                raise UserError(f"the checkpoint {path} was trained on data with factor sizes {tuple(saved)}, but "
+                                f"{self.data.name} here has {self.data.factor_sizes}: a run goes on with the data it "
+                                "started on; point --data-dir at that file (or train anew in another --out)")
             self.vae.load_state_dict(c["vae"])
             load_adam(self.vae_opt, c["vae_opt"])
             if self.D is not None:
@@ -1208,7 +1208,7 @@ class StopRequest:
                 raise KeyboardInterrupt
             return  # the same stop, twice
         self.requested, self.at = True, time.monotonic()
-        print("\ninterrupt: finishing this step and writing a checkpoint (again to stop at once)", file=sys.stderr)
+        print("\ninterrupt: finishing this step and writing a checkpoint (again, a second or more later, to stop at once)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -3013,7 +3013,7 @@ def load_runs(runs_dir):
                     and all(math.isfinite(m[k]) for k in SCORES if k in m)
                     and set(m["content_factors"]) <= set(m["factor_names"])
                     and all(0 <= i < len(mi) for i in m["content_latents"])
-                    and ("factor_sizes" not in m or len(m["factor_sizes"]) == K
+                    and (m.get("factor_sizes") is None or len(m["factor_sizes"]) == K
                          and all(type(n) is int and n > 0 for n in m["factor_sizes"]))):
                 raise ValueError("its MI matrix, factors or scores do not agree")
             for key in ("model", "dataset", "beta", "gamma", "steps"):
@@ -3279,10 +3279,12 @@ def summarize(runs_dir):
             print(f"{dataset}: the figures show the {sum(m['steps'] == steps for m in rs)} runs of {steps:,} steps, "
                   f"not the {sum(m['steps'] != steps for m in rs)} shorter ones (the table has them)", file=sys.stderr)
             rs = [m for m in rs if m["steps"] == steps]
-        off = [m for m in rs if not on_main_grid(m, any_group_size=True)]  # larger groups: Figure 3(c)'s
+        off = [m for m in rs if not on_main_grid(m)]
         if off:
-            print(f"{dataset}: Figures 4 and 3 leave out the {len(off)} runs off the paper's grid "
-                  f"({'; '.join(sorted({run_label(m) for m in off}))}); the table has them", file=sys.stderr)
+            in_3c = any(m["model"] in MODELS and MODELS[m["model"]].baseline and on_main_grid(m, True) for m in off)
+            print(f"{dataset}: Figures 4 and 3(b) leave out {len(off)} run{'s' * (len(off) > 1)} off the paper's main "
+                  f"grid ({'; '.join(sorted({run_label(m) for m in off}))}); the table has them"
+                  + ("; Figure 3(c) draws the baselines' larger groups" if in_3c else ""), file=sys.stderr)
         figure_4(rs, dataset, runs_dir / f"figure4_{dataset}.png")
         figure_3b(rs, dataset, runs_dir / f"figure3b_{dataset}.png")
         figure_3c(rs, dataset, runs_dir / f"figure3c_{dataset}.png")

@@ -280,17 +280,23 @@ finished() {  # finished INDEX: every run of entry INDEX evaluated at STEPS (its
   for m in ${MEMBERS[$1]}; do grep -Eqs "^ *\"steps\": $STEPS,?\$" "$m/metrics.json" || return 1; done
 }
 
+stopping="" child=""  # a worker's: the grid is stopping; the run it waits for
 run_entry() {  # run_entry INDEX ENV_PREFIX: run entry INDEX unless it is finished or another process holds it
-  local log=${LOGS[$1]} rc=0 m resume=""
+  local log=${LOGS[$1]} rc m resume=""
   finished "$1" && return 0
+  [ -z "$stopping" ] || return 130  # the grid is stopping: no run starts
   for m in ${MEMBERS[$1]}; do [ -e "$m/config.json" ] || [ -e "$m/checkpoint.pt" ] && resume=" --resume"; done
   mkdir -p "$(dirname "$log")"
   echo "[$(date +%H:%M:%S)] start $log" >&2
-  env $2 bash -c "${CMDS[$1]}$resume" >>"$log" 2>&1 || rc=$?
+  env $2 bash -c "${CMDS[$1]}$resume" >>"$log" 2>&1 &
+  child=$!
+  until rc=0; wait "$child" || rc=$?; ! kill -0 "$child" 2>/dev/null; do :; done  # a stop's trap ends a wait early
+  child=""
   case $rc in
     0) echo "[$(date +%H:%M:%S)] done  $log" >&2 ;;
     3) echo "[$(date +%H:%M:%S)] skip  $log (another process is training it)" >&2 ;;
-    130) echo "[$(date +%H:%M:%S)] stop  $log (interrupted: checkpointed; run this script again to continue)" >&2 ;;
+    130|143) echo "[$(date +%H:%M:%S)] stop  $log (interrupted: checkpointed if it had begun to train; run this" \
+                  "script again to continue)" >&2 ;;
     *) echo "[$(date +%H:%M:%S)] FAILED $log (see it)" >&2 ;;
   esac
   return $rc
@@ -305,25 +311,25 @@ if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then  # one entry per array task; the summ
 fi
 
 worker() {  # worker ENV_PREFIX: every entry in turn; a held or finished one is passed by; an interrupted one stops it
-  local i rc stopping=""
-  trap 'stopping=1' INT TERM  # the grid's stop (from the script, or a cancel): its run checkpoints; no other starts
+  local i rc
+  # The grid's stop (passed on by the script, or a cancel's SIGTERM to every process): the run it waits for gets
+  # SIGTERM (it checkpoints after its current step; one stop that reaches it twice within a second is one stop), and
+  # no other run starts. SIGTERM, not SIGINT: a background job's shell and a starting Python ignore SIGINT.
+  trap 'stopping=1; [ -z "$child" ] || kill -TERM "$child" 2>/dev/null' INT TERM
   for i in "${!CMDS[@]}"; do
     rc=0; run_entry "$i" "$1" || rc=$?
-    [ "$rc" -ne 130 ] && [ -z "$stopping" ] || return 130  # the run checkpointed and stopped; so does the grid
+    [ -z "$stopping" ] && [ "$rc" -ne 130 ] || return 130
   done
 }
 
 echo "run_paper.sh: $(wc -w <<<"${MEMBERS[*]}") runs in ${#CMDS[@]} processes, in $RUNS_DIR" >&2
 mkdir -p "$RUNS_DIR"
-# Each worker runs in a process group of its own (job control), so that a stop reaches its runs once, from here,
-# however it came: a terminal's Ctrl-C (to this script's group), or kill -INT / -TERM of this script alone.
-set -m
 WORKERS=()
-stop_grid() {
+stop_grid() {  # a terminal's Ctrl-C, or kill -INT / -TERM of this script alone: passed on to every worker
   echo "run_paper.sh: interrupted; each run checkpoints after its current step and stops. Run this script again" \
     "to continue" >&2
   local w
-  for w in "${WORKERS[@]}"; do kill -INT -- "-$w" 2>/dev/null; done  # again: its runs stop at once
+  for w in "${WORKERS[@]}"; do kill -TERM "$w" 2>/dev/null; done  # again, a second or more later: at once
   wait
   exit 130
 }
