@@ -1208,7 +1208,8 @@ class StopRequest:
                 raise KeyboardInterrupt
             return  # the same stop, twice
         self.requested, self.at = True, time.monotonic()
-        print("\ninterrupt: finishing this step and writing a checkpoint (again, a second or more later, to stop at once)", file=sys.stderr)
+        print("\ninterrupt: finishing this step and writing a checkpoint (again, a second or more later, to stop at "
+              "once)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------------
