@@ -3141,8 +3141,8 @@ def on_main_grid(m, any_group_size=False):
 
 
 def figure_4(rs, dataset, path):
-    """Figure 4: the density of each score per model over the paper's main grid (pairs, TC inter); points alone
-    for a model with fewer than 3 runs."""
+    """Figure 4: the density of each score per model over the paper's main grid (on_main_grid); points alone for a
+    model with fewer than 3 runs."""
     main_runs = [m for m in rs if on_main_grid(m)]
     if not main_runs:
         return  # none of the paper's grid: no figure (the table has the runs)
@@ -3281,11 +3281,9 @@ def summarize(runs_dir):
                   f"not the {sum(m['steps'] != steps for m in rs)} shorter ones (the table has them)", file=sys.stderr)
             rs = [m for m in rs if m["steps"] == steps]
         off = [m for m in rs if not on_main_grid(m)]
-        if off:
-            in_3c = any(m["model"] in MODELS and MODELS[m["model"]].baseline and on_main_grid(m, True) for m in off)
+        if off:  # (Figure 3(c) draws the baselines' larger groups among them)
             print(f"{dataset}: Figures 4 and 3(b) leave out {len(off)} run{'s' * (len(off) > 1)} off the paper's main "
-                  f"grid ({'; '.join(sorted({run_label(m) for m in off}))}); the table has them"
-                  + ("; Figure 3(c) draws the baselines' larger groups" if in_3c else ""), file=sys.stderr)
+                  f"grid ({'; '.join(sorted({run_label(m) for m in off}))}); the table has them", file=sys.stderr)
         figure_4(rs, dataset, runs_dir / f"figure4_{dataset}.png")
         figure_3b(rs, dataset, runs_dir / f"figure3b_{dataset}.png")
         figure_3c(rs, dataset, runs_dir / f"figure3c_{dataset}.png")
