@@ -2180,8 +2180,9 @@ STUDY = json.loads((HERE / "fixtures" / "cpu_study_20_steps.json").read_text())
 
 @pytest.mark.parametrize("name", ["group_tcvae_inter", "gvae"])  # the fixture also holds TC full and MLVAE
 def test_the_cpu_study_runs_are_computed_byte_for_byte(tmp_path, name):
-    """docs/cpu_study was trained by the code of commit 42d6587, one thread a run: 20-step runs with its flags (the
-    study's data, batch and models, seed 1) write the log.csv and MI matrix that code wrote (fixtures/)."""
+    """docs/cpu_study's runs were trained by the code of commit 42d6587 and again, for the metric suite, by that of
+    dbba711 (which passes this test), one thread a run: 20-step runs with their flags (the study's data, batch and
+    models, seed 1) write the log.csv and MI matrix that 42d6587 wrote (fixtures/)."""
     expected = STUDY[name]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
