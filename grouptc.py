@@ -467,16 +467,24 @@ def mutual_info_and_entropy(codes, factors, n_bins=20):
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
     kernel, ranges = _get_mi_kernel()
-    lo, hi, n_bad = ranges(codes, numba.get_num_threads())
-    lo, hi = lo.min(0), hi.max(0)
-    if n_bad:
-        raise ValueError(f"codes contain {n_bad} NaN or infinite values")
-    labels, n_classes = _factor_labels(factors)
-    # numpy.histogram's edges: linspace(min, max, n_bins + 1), widened by 0.5 on each side for a constant dim.
-    flat = lo == hi
-    lo, hi = np.where(flat, lo - 0.5, lo), np.where(flat, hi + 0.5, hi)
-    edges = np.stack([np.linspace(a, b, n_bins + 1)[:-1] for a, b in zip(lo, hi)])  # (L, n_bins)
-    return kernel(codes, edges, labels, n_classes, numba.get_num_threads())
+    # As many threads as torch has (OMP_NUM_THREADS=1 means one): Numba's default, every core, oversubscribes the
+    # cores when runs share them (run_paper.sh's JOBS), and each call then waits seconds on busy cores. The counts
+    # are integers, so the result is the same for any number of threads.
+    before, threads = numba.get_num_threads(), max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads()))
+    numba.set_num_threads(threads)
+    try:
+        lo, hi, n_bad = ranges(codes, threads)
+        lo, hi = lo.min(0), hi.max(0)
+        if n_bad:
+            raise ValueError(f"codes contain {n_bad} NaN or infinite values")
+        labels, n_classes = _factor_labels(factors)
+        # numpy.histogram's edges: linspace(min, max, n_bins + 1), widened by 0.5 on each side for a constant dim.
+        flat = lo == hi
+        lo, hi = np.where(flat, lo - 0.5, lo), np.where(flat, hi + 0.5, hi)
+        edges = np.stack([np.linspace(a, b, n_bins + 1)[:-1] for a, b in zip(lo, hi)])  # (L, n_bins)
+        return kernel(codes, edges, labels, n_classes, threads)
+    finally:
+        numba.set_num_threads(before)
 
 
 def mutual_info_matrix(codes, factors, n_bins=20):

@@ -30,15 +30,12 @@
 #   GPUS="0 1 2 3" bash run_paper.sh        # one process per GPU at a time, each a sweep of up to SWEEP_SIZE runs
 #   JOBS=2 bash run_paper.sh                # CPU only: JOBS runs at a time, the cores' threads shared among them
 #                                           # (or OMP_NUM_THREADS each, when set: two scripts on one machine)
-#   STEPS=3000 SEEDS="0 1 2" DATASETS=dsprites_procedural TCVAE_BETAS=10 TCVAE_GAMMAS="1 8" BASE_BETAS=1 \
-#     GROUP_SIZES=2 TC_LEVELS=inter LOG_EVERY=250 CHECKPOINT_EVERY=500 JOBS=2 RUNS_DIR=runs/cpu \
-#     bash run_paper.sh                      # the README's CPU-scale grid: 12 runs, about 2 h on 2 cores
 #   STEPS=30000 SEEDS="0 1 2" DATASETS=dsprites_procedural TCVAE_SETTINGS=10:8 MLVAE_BETAS=1 GVAE_BETAS=4 \
-#     GROUP_SIZES=2 TC_LEVELS=full EVAL_EVERY=3000 OMP_NUM_THREADS=1 JOBS=1 RUNS_DIR=runs/cpu_study_30k \
-#     bash run_paper.sh                      # the README's 30,000-step CPU study (12 runs), one thread a run
-#   STEPS=3000 SEEDS="0 1 2" DATASETS=dsprites_procedural ONLY_MODELS="ada_gvae ada_mlvae" ADA_BETAS="1 4" \
-#     LOG_EVERY=250 CHECKPOINT_EVERY=500 RUNS_DIR=runs/cpu_study bash run_paper.sh   # part of a grid: the Ada runs
-#   SWEEP_SIZE=32 sbatch --array=0-29%8 --gres=gpu:1 run_paper.sh  # SLURM: task i runs entry i of DRY_RUN's list
+#     ADA_MODELS=ada_gvae ADA_BETAS=1 GROUP_SIZES=2 TC_LEVELS=full EVAL_EVERY=3000 METRICS=all LOG_EVERY=500 \
+#     CHECKPOINT_EVERY=1000 OMP_NUM_THREADS=1 JOBS=1 RUNS_DIR=runs/cpu_study_30k \
+#     bash run_paper.sh                      # the 30,000-step CPU study (15 runs, issue 21), one thread a run
+#                                           # (the 3,000-step CPU study's commands are in the README)
+#   SWEEP_SIZE=64 sbatch --array=0-29%8 --gres=gpu:1 run_paper.sh  # SLURM: task i runs entry i of DRY_RUN's list
 #   python grouptc.py --summarize runs/paper           # ... then the summary, once every task has finished
 # Every run has one folder, RUNS_DIR/DATASET/NAME, NAME its settings (however runs are packed into processes).
 # Finished runs (evaluated at STEPS: their metrics.json says so) are skipped; interrupted ones resume from their
@@ -119,10 +116,6 @@ done
   die "OMP_NUM_THREADS must be a positive whole number when set, got '$OMP_NUM_THREADS'"
 [[ $EVAL_SAMPLES =~ ^[0-9]+$ ]] || die "EVAL_SAMPLES must be a whole number (0: every point), got '$EVAL_SAMPLES'"
 [[ $EVAL_EVERY =~ ^[0-9]+$ ]] || die "EVAL_EVERY must be a whole number (0: only at the end), got '$EVAL_EVERY'"
-if [ -n "$METRICS" ]; then
-  $PYTHON -c 'import sys, grouptc; grouptc.parse_metrics(sys.argv[1])' "$METRICS" 2>/dev/null ||
-    die "METRICS must be all or a comma list of grouptc.py's metrics (see its --help at --metrics), got '$METRICS'"
-fi
 for s in "${SEEDS[@]}"; do
   [[ $s =~ ^[0-9]{1,15}$ ]] || die "SEEDS must be whole numbers (up to 15 digits), got '$s'"
 done
@@ -257,14 +250,20 @@ for d in "${DATASETS[@]}"; do
 done
 
 # Every command through the program's own parser and checks (EVAL_SAMPLES against the data set's size, DEVICE, K
-# against its factors, ...), so that a bad value stops the grid here rather than failing each of its runs.
-printf '%s\n' "${CMDS[@]}" | "$PYTHON" -c 'import shlex, sys, grouptc
+# against its factors, ...), so that a bad value stops the grid here rather than failing each of its runs; METRICS
+# first, with its own message.
+printf '%s\n' "${CMDS[@]}" | "$PYTHON" -c 'import argparse, shlex, sys, grouptc
+try:
+    sys.argv[1] and grouptc.parse_metrics(sys.argv[1])
+except argparse.ArgumentTypeError:
+    sys.exit(f"run_paper.sh: METRICS must be all or a comma list of grouptc.py'"'"'s metrics (see its --help at "
+             f"--metrics), got {sys.argv[1]!r}")
 for line in sys.stdin:
     argv = shlex.split(line)
     try:
         grouptc.expand(grouptc.parse_args(argv[argv.index("grouptc.py") + 1:]))
     except grouptc.UserError as error:
-        sys.exit(f"run_paper.sh: a command of the grid is refused: {error}")' || exit 2
+        sys.exit(f"run_paper.sh: a command of the grid is refused: {error}")' "$METRICS" || exit 2
 
 if [ -n "${DRY_RUN:-}" ]; then
   printf '%s\n' "${CMDS[@]}"

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -593,13 +594,21 @@ def test_mi_closed_forms():
 
 def test_the_mi_kernels_leave_torchs_threads_alone():
     """Numba's OpenMP layer set torch's thread count to every core on first use, so training after an evaluation
-    in one process ran on other threads than OMP_NUM_THREADS said (30x slower on shared cores, other sums)."""
-    code = ("import numpy as np, torch, grouptc as gt; before = torch.get_num_threads(); "
-            "gt.mutual_info_matrix(np.random.rand(500, 3), np.random.randint(0, 4, (500, 2))); "
-            "print(before, torch.get_num_threads())")
+    in one process ran on other threads than OMP_NUM_THREADS said (30x slower on shared cores, other sums). And the
+    kernels run on torch's count, not Numba's default of every core (which oversubscribed cores that runs share),
+    with the same result for any count."""
+    code = ("import numpy as np, numba, torch, grouptc as gt; before = torch.get_num_threads(); "
+            "c, f = np.random.rand(500, 3), np.random.randint(0, 4, (500, 2)); one = gt.mutual_info_matrix(c, f); "
+            "print(before, torch.get_num_threads()); kernel, ranges = gt._get_mi_kernel(); seen = []; "
+            "gt._mi_kernel = (lambda *a: seen.append((a[-1], numba.get_num_threads())) or kernel(*a), ranges); "
+            "gt.mutual_info_matrix(c, f); torch.set_num_threads(2); two = gt.mutual_info_matrix(c, f); "
+            "print(*seen[0], *seen[1], numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS, "
+            "np.array_equal(one, two))")
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
-    assert out.stdout.split() == ["1", "1"], out.stdout + out.stderr
+                         env={k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"} | {
+                             "OMP_NUM_THREADS": "1"}, timeout=120)
+    most = str(min(2, os.cpu_count()))  # Numba's default count is the cores
+    assert out.stdout.split() == ["1", "1", "1", "1", most, most, "True", "True"], out.stdout + out.stderr
 
 
 def test_perfect_code_on_the_dsprites_grid_scores_0_8955():
@@ -819,6 +828,8 @@ def test_run_paper_dry_run_lists_the_whole_grid():
     bad = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=os.environ | {"DRY_RUN": "1", "METRICS": "sap,dcx"},
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "METRICS must be" in bad.stderr and not bad.stdout
+    sbatch = re.search(r"SWEEP_SIZE=(\d+) sbatch --array=0-(\d+)", (HERE / "run_paper.sh").read_text())
+    assert (int(sbatch[1]), int(sbatch[2]) + 1) == (64, 30)  # the header's SLURM example: one task per process
     for size, processes in ((32, 34), (64, 30)):  # the same 620 runs, packed into sweeps of <= size runs
         packed = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=os.environ | {"DRY_RUN": "1",
                                 "SWEEP_SIZE": str(size)}, capture_output=True, text=True, check=True).stdout
@@ -914,6 +925,61 @@ def test_readme_commands_parse_and_the_offline_ones_run(tmp_path):
             assert gt.main(argv + ["--out", str(out)] + TINY) == 0, c
             ran += 1
     assert ran >= 1
+
+
+def run_paper_commands(lines):
+    """The `VAR=value ... bash run_paper.sh` commands among lines (a command's continued lines joined)
+    -> [(its variables, the comment after it)]."""
+    commands, joined = [], ""
+    for line in lines:
+        joined += line.rstrip("\\").strip() + " "
+        if line.endswith("\\"):
+            continue
+        code, _, comment = joined.partition("#")
+        words = shlex.split(code) if "run_paper.sh" in code else []
+        if words[-2:] == ["bash", "run_paper.sh"] and all("=" in w for w in words[:-2]):
+            commands.append((dict(w.split("=", 1) for w in words[:-2]), comment))
+        joined = ""
+    return commands
+
+
+def run_paper_lists(env):
+    """The run folders' names that `run_paper.sh` lists for these variables (one run a process)."""
+    out = subprocess.run(["bash", "run_paper.sh"], cwd=HERE, env=os.environ | env | {"DRY_RUN": "1"},
+                         capture_output=True, text=True, check=True).stdout
+    return [Path(line.split()[-1]).name for line in out.splitlines()]
+
+
+def test_the_studies_commands_list_the_runs_they_say(tmp_path):
+    """The README's commands for a study list exactly the runs committed under docs/STUDY/runs (names without the
+    data set); run_paper.sh's examples that count their runs list that many (its SLURM example's array is checked
+    where the whole grid's packing is listed). Both drifted once, when the grid gained the Ada models."""
+    code, inside = [], False  # the lines of the README's code blocks
+    for line in (HERE / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            inside = not inside
+        elif inside:
+            code.append(line)
+    studies = collections.defaultdict(list)
+    for env, _ in run_paper_commands(code):
+        if env.get("RUNS_DIR", "").startswith("runs/"):
+            study = env["RUNS_DIR"].removeprefix("runs/")
+            studies[study] += run_paper_lists(env | {"RUNS_DIR": str(tmp_path / study)})
+    assert "cpu_study" in studies
+    for study, names in studies.items():
+        committed = HERE / "docs" / study / "runs"
+        if committed.is_dir():
+            assert sorted(n.replace("_dsprites_procedural", "") for n in names) == sorted(
+                p.name for p in committed.iterdir() if p.is_dir()), study
+    header = [line.removeprefix("#").strip() for line in (HERE / "run_paper.sh").read_text().splitlines()
+              if line.startswith("#   ")]
+    counted = 0
+    for env, comment in run_paper_commands(header):
+        said = re.search(r"\((\d+) runs", comment)
+        if said:
+            assert len(run_paper_lists(env | {"RUNS_DIR": str(tmp_path / "h")})) == int(said[1]), (env, comment)
+            counted += 1
+    assert counted >= 1
 
 
 def test_resume_keeps_the_saved_device_and_survives_a_device_change(tmp_path, monkeypatch, capsys):
