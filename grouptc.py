@@ -467,10 +467,10 @@ def mutual_info_and_entropy(codes, factors, n_bins=20):
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
     kernel, ranges = _get_mi_kernel()
-    # As many threads as torch has (OMP_NUM_THREADS=1 means one): Numba's default, every core, oversubscribes the
-    # cores when runs share them (run_paper.sh's JOBS), and each call then waits seconds on busy cores. The counts
-    # are integers, so the result is the same for any number of threads.
-    before, threads = numba.get_num_threads(), max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads()))
+    # As many threads as torch has, at most Numba's (OMP_NUM_THREADS=1: one). Numba's default, every core,
+    # oversubscribes the cores when runs share them (run_paper.sh's JOBS), and each call then waits seconds on busy
+    # cores. The counts are integers, so the result is the same for any number of threads.
+    before, threads = numba.get_num_threads(), min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())
     numba.set_num_threads(threads)
     try:
         lo, hi, n_bad = ranges(codes, threads)

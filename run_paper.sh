@@ -33,7 +33,7 @@
 #   STEPS=30000 SEEDS="0 1 2" DATASETS=dsprites_procedural TCVAE_SETTINGS=10:8 MLVAE_BETAS=1 GVAE_BETAS=4 \
 #     ADA_MODELS=ada_gvae ADA_BETAS=1 GROUP_SIZES=2 TC_LEVELS=full EVAL_EVERY=3000 METRICS=all LOG_EVERY=500 \
 #     CHECKPOINT_EVERY=1000 OMP_NUM_THREADS=1 JOBS=1 RUNS_DIR=runs/cpu_study_30k \
-#     bash run_paper.sh                      # the 30,000-step CPU study (15 runs, issue 21), one thread a run
+#     bash run_paper.sh                      # the 30,000-step CPU study's settings (15 runs, issue 21)
 #                                           # (the 3,000-step CPU study's commands are in the README)
 #   SWEEP_SIZE=64 sbatch --array=0-29%8 --gres=gpu:1 run_paper.sh  # SLURM: task i runs entry i of DRY_RUN's list
 #   python grouptc.py --summarize runs/paper           # ... then the summary, once every task has finished
@@ -252,12 +252,14 @@ done
 # Every command through the program's own parser and checks (EVAL_SAMPLES against the data set's size, DEVICE, K
 # against its factors, ...), so that a bad value stops the grid here rather than failing each of its runs; METRICS
 # first, with its own message.
+[ ${#CMDS[@]} -gt 0 ] || die "the grid is empty: the lists give no run of ONLY_MODELS (${ONLY_MODELS[*]}); is ADA_MODELS none?"
 printf '%s\n' "${CMDS[@]}" | "$PYTHON" -c 'import argparse, shlex, sys, grouptc
-try:
-    sys.argv[1] and grouptc.parse_metrics(sys.argv[1])
-except argparse.ArgumentTypeError:
-    sys.exit(f"run_paper.sh: METRICS must be all or a comma list of grouptc.py'"'"'s metrics (see its --help at "
-             f"--metrics), got {sys.argv[1]!r}")
+if sys.argv[1]:
+    try:
+        grouptc.parse_metrics(sys.argv[1])
+    except argparse.ArgumentTypeError:
+        sys.exit(f"run_paper.sh: METRICS must be all or a comma list of grouptc.py'"'"'s metrics (see its --help at "
+                 f"--metrics), got {sys.argv[1]!r}")
 for line in sys.stdin:
     argv = shlex.split(line)
     try:
