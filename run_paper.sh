@@ -252,7 +252,8 @@ done
 # Every command through the program's own parser and checks (EVAL_SAMPLES against the data set's size, DEVICE, K
 # against its factors, ...), so that a bad value stops the grid here rather than failing each of its runs; METRICS
 # first, with its own message.
-[ ${#CMDS[@]} -gt 0 ] || die "the grid is empty: the lists give no run of ONLY_MODELS (${ONLY_MODELS[*]}); is ADA_MODELS none?"
+[ ${#CMDS[@]} -gt 0 ] ||
+  die "the grid is empty: the lists give no run of ONLY_MODELS (${ONLY_MODELS[*]}); is ADA_MODELS none?"
 printf '%s\n' "${CMDS[@]}" | "$PYTHON" -c 'import argparse, shlex, sys, grouptc
 if sys.argv[1]:
     try:
