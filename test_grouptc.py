@@ -915,16 +915,21 @@ def test_summary_of_an_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert "no metrics.json" in capsys.readouterr().err
 
 
+def readme_shell_lines():
+    """The lines of the README's shell code blocks (```bash, ```sh or plain ```), in order."""
+    lines, fence = [], None
+    for line in (HERE / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            fence = line[3:].strip() if fence is None else None
+        elif fence in ("bash", "sh", ""):
+            lines.append(line)
+    return lines
+
+
 def readme_commands():
-    """Every `python grouptc.py ...` command in the README's code blocks, comments removed."""
-    text = (HERE / "README.md").read_text()
-    commands = []
-    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
-        for line in block.splitlines():
-            for part in line.split("#")[0].split("&&"):
-                if part.strip().startswith("python grouptc.py"):
-                    commands.append(part.strip())
-    return commands
+    """Every `python grouptc.py ...` command in the README's shell code blocks, comments removed."""
+    return [part.strip() for line in readme_shell_lines() for part in line.split("#")[0].split("&&")
+            if part.strip().startswith("python grouptc.py")]
 
 
 def test_readme_commands_parse_and_the_offline_ones_run(tmp_path):
@@ -974,14 +979,8 @@ def test_the_studies_commands_list_the_runs_they_say(tmp_path):
     """The README's commands for a study list exactly the runs committed under docs/STUDY/runs (names without the
     data set); run_paper.sh's examples that count their runs list that many (its SLURM example's array is checked
     where the whole grid's packing is listed). Both drifted once, when the grid gained the Ada models."""
-    code, inside = [], False  # the lines of the README's code blocks
-    for line in (HERE / "README.md").read_text().splitlines():
-        if line.startswith("```"):
-            inside = not inside
-        elif inside:
-            code.append(line)
     studies = collections.defaultdict(list)
-    for env, _ in run_paper_commands(code):
+    for env, _ in run_paper_commands(readme_shell_lines()):
         if env.get("RUNS_DIR", "").startswith("runs/"):
             study = env["RUNS_DIR"].removeprefix("runs/")
             studies[study] += run_paper_lists(env | {"RUNS_DIR": str(tmp_path / study)})
