@@ -1004,6 +1004,22 @@ def test_the_studies_commands_list_the_runs_they_say(tmp_path):
     assert counted >= 1
 
 
+def test_the_30k_studys_runs_at_step_3000_are_the_3k_studys_runs():
+    """Each committed run of docs/cpu_study_30k (docs/cpu_study_30k/plan.md) scores at step 3,000 (its scores.csv, 6
+    digits) what docs/cpu_study's 3,000-step run of the same settings and seed scores at its end: the two studies'
+    3,000-step figures are of the same weights. Trained with one thread, as its metrics.json says, to 30,000 steps."""
+    runs = sorted((HERE / "docs" / "cpu_study_30k" / "runs").glob("*/scores.csv"))
+    assert runs
+    for scores in runs:
+        at = {int(r["step"]): r for r in gt.read_log(scores)}
+        short = json.loads((HERE / "docs" / "cpu_study" / "runs" / scores.parent.name / "metrics.json").read_text())
+        long = json.loads((scores.parent / "metrics.json").read_text())
+        assert sorted(at) == list(range(3000, 30001, 3000)) and long["steps"] == 30000, scores.parent.name
+        assert long["torch_threads"] == [1] and short["steps"] == 3000, scores.parent.name
+        for k in ("mig", "group_mig"):
+            assert float(at[3000][k]) == float(f"{short[k]:.6g}"), (scores.parent.name, k)
+
+
 def test_resume_keeps_the_saved_device_and_survives_a_device_change(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     argv = ["--model", "gvae", "--dataset", "dsprites_procedural", "--out", out, "--device", "cpu", *TINY]
