@@ -2017,9 +2017,12 @@ def build_runs(members, checkpoints=None, paths=None):
 
 def machine(device):
     """What a run's sums depend on besides its flags and thread count: the torch build, and the processor's
-    instruction set (on the CPU torch picks its kernels by it) or the accelerator."""
+    instruction set (on the CPU torch and its convolutions' oneDNN pick their kernels by it; ATEN_CPU_CAPABILITY and
+    ONEDNN_MAX_CPU_ISA cap them, each on its own) or the accelerator."""
     if device.type == "cpu":
-        return f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}"
+        onednn = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        return (f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}"
+                + (f", oneDNN up to {onednn}" if onednn else ""))
     return f"torch {torch.__version__}, " + (torch.cuda.get_device_name(device) if device.type == "cuda" else
                                              device.type.upper())
 
