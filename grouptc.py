@@ -3101,30 +3101,35 @@ def unfinished_line(unfinished, title):
 
 
 def results_table(rs, dataset, unfinished=()):
-    """results.md's section for one data set: per model, per setting (each seed), per factor. A row pools only
+    """results.md's section for one data set: per model, per setting, each seed of every score, per factor. A row pools only
     runs that agree on every run-defining flag but the seed, and on their steps."""
     scores = [k for k in SCORES if any(k in m for m in rs)]
     labels = sorted({(run_label(m), m["steps"]) for m in rs}, key=_setting_order)
     columns = [(k, s, f) for k in scores for s, f in (("mean", np.mean), ("median", np.median), ("best", np.max))
                if k in PAPER_METRICS or s == "mean"]  # the paper's scores in full, the others' means
-    paper = [k for k in scores if k in PAPER_METRICS]
     lines = [f"## {dataset}", "", "| model | runs | steps | " + " | ".join(
         f"{SCORES[k]} {s}" for k, s, _ in columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     for label, steps in labels:
         group = [m for m in rs if (run_label(m), m["steps"]) == (label, steps)]
         lines.append(f"| {label} | {len(group)} | {steps:,} | " + " | ".join(
             _stat(group, k, f) for k, _, f in columns) + " |")
-    lines += ["", "Per setting (mean over seeds; then each seed's score, in seed order):", "",
-              "| model | beta | gamma | steps | runs | " + " | ".join(f"{SCORES[k]} mean" for k in scores) + " | "
-              + " | ".join(f"{SCORES[k]} per seed" for k in paper) + " |",
-              "|---|---|---|---|---|" + "---|" * (len(scores) + len(paper))]
+    head = "| model | beta | gamma | steps | "
     by_setting = {key: sorted([m for m in rs if setting(m) == key], key=lambda m: m.get("seed", 0))
                   for key in sorted({setting(m) for m in rs}, key=_setting_order)}
+    lines += ["", "Per setting (mean over seeds):", "",
+              head + "runs | " + " | ".join(f"{SCORES[k]} mean" for k in scores) + " |",
+              "|---|---|---|---|---|" + "---|" * len(scores)]
     for (label, beta, gamma, steps), group in by_setting.items():
-        seeds = lambda k: ", ".join(f"{m[k]:.3f}" if k in m else "-" for m in group)  # noqa: E731
         lines.append(f"| {label} | {beta:g} | {gamma:g} | {steps:,} | {len(group)} | "
-                     + " | ".join(_stat(group, k, np.mean) for k in scores) + " | "
-                     + " | ".join(seeds(k) for k in paper) + " |")
+                     + " | ".join(_stat(group, k, np.mean) for k in scores) + " |")
+    lines += ["", "Each seed (the seeds' scores in the order of the seeds column; - where a run lacks the score):", "",
+              head + "seeds | " + " | ".join(SCORES[k] for k in scores) + " |",
+              "|---|---|---|---|---|" + "---|" * len(scores)]
+    for (label, beta, gamma, steps), group in by_setting.items():
+        each = lambda k: ", ".join(f"{m[k]:.3f}" if k in m else "-" for m in group)  # noqa: E731
+        lines.append(f"| {label} | {beta:g} | {gamma:g} | {steps:,} | "
+                     + ", ".join(str(m.get("seed", "-")) for m in group) + " | "
+                     + " | ".join(each(k) for k in scores) + " |")
     if unfinished:
         lines += ["", unfinished_line(unfinished, "Unfinished (not counted above)")]
     names = rs[0]["factor_names"]

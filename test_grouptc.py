@@ -1660,7 +1660,7 @@ def test_summary_reports_each_factors_gaps(tmp_path):
         m = {"mig": 0.1, "group_mig": 0.2, "mi_matrix": mi.tolist(), "factor_entropy": H.tolist(),
              "factor_names": names, "content_factors": names[:3], "content_latents": [5, 6, 7, 8, 9],
              "model": "gvae", "dataset": "dsprites_procedural", "beta": 4.0, "gamma": 0.0, "steps": 10,
-             "seed": seed, "group_size": 2, "tc_level": "inter"}
+             "seed": seed, "group_size": 2, "tc_level": "inter"} | ({"modularity": 0.75} if seed else {})
         (tmp_path / f"r{seed}").mkdir()
         (tmp_path / f"r{seed}" / "metrics.json").write_text(json.dumps(m))
     assert gt.main(["--summarize", str(tmp_path)]) == 0
@@ -1676,7 +1676,8 @@ def test_summary_reports_each_factors_gaps(tmp_path):
         row = next(line for line in section.splitlines() if line.startswith("| gvae | 4 | 0 |"))
         expected = [np.mean([gap(mi, k) for mi in mis]) for k in range(5)]
         assert [float(v) for v in row.split("|")[5:10]] == pytest.approx(expected, abs=6e-4)
-    assert "| gvae | 4 | 0 | 10 | 2 | 0.100 | 0.200 | 0.100, 0.100 | 0.200, 0.200 |" in table
+    assert "| gvae | 4 | 0 | 10 | 2 | 0.100 | 0.200 | 0.750 (1 of 2 runs) |" in table  # per setting: the means
+    assert "| gvae | 4 | 0 | 10 | 0, 1 | 0.100, 0.100 | 0.200, 0.200 | -, 0.750 |" in table  # each seed, in order
 
 
 # ------------------------------------------------------------------------------------- one run, one folder (#19)
