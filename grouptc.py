@@ -55,6 +55,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -2015,13 +2016,24 @@ def build_runs(members, checkpoints=None, paths=None):
     return runs
 
 
+def cpu_vendor():
+    """The processor's maker as Linux names it (GenuineIntel, AuthenticAMD), or the architecture elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+    except OSError:
+        vendor = None
+    return vendor or platform.machine() or "unknown"
+
+
 def machine(device):
     """What a run's sums depend on besides its flags and thread count: the torch build, and the processor's
     instruction set (on the CPU torch and its convolutions' oneDNN pick their kernels by it; ATEN_CPU_CAPABILITY and
-    ONEDNN_MAX_CPU_ISA cap them, each on its own) or the accelerator."""
+    ONEDNN_MAX_CPU_ISA cap them, each on its own) and its maker (capped at AVX2, an Intel Xeon's sums still differ from
+    an AMD EPYC's) or the accelerator."""
     if device.type == "cpu":
         onednn = os.environ.get("ONEDNN_MAX_CPU_ISA")
-        return (f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}"
+        return (f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()} ({cpu_vendor()})"
                 + (f", oneDNN up to {onednn}" if onednn else ""))
     return f"torch {torch.__version__}, " + (torch.cuda.get_device_name(device) if device.type == "cuda" else
                                              device.type.upper())
