@@ -3113,8 +3113,8 @@ def unfinished_line(unfinished, title):
 
 
 def results_table(rs, dataset, unfinished=()):
-    """results.md's section for one data set: per model, per setting, each seed of every score, per factor. A row pools only
-    runs that agree on every run-defining flag but the seed, and on their steps."""
+    """results.md's section for one data set: per model, per setting, each seed of every score, per factor. A row
+    pools only runs that agree on every run-defining flag but the seed, and on their steps."""
     scores = [k for k in SCORES if any(k in m for m in rs)]
     labels = sorted({(run_label(m), m["steps"]) for m in rs}, key=_setting_order)
     columns = [(k, s, f) for k in scores for s, f in (("mean", np.mean), ("median", np.median), ("best", np.max))
