@@ -157,18 +157,18 @@ content_factors() {
     *) die "unknown data set '$1' in DATASETS (dsprites, shapes3d, dsprites_procedural, shapes3d_procedural)" ;;
   esac
 }
-for d in "${DATASETS[@]}"; do content_factors "$d" >/dev/null; done
+declare -A CONTENT=()  # each data set's content factors
+for d in "${DATASETS[@]}"; do CONTENT[$d]=$(content_factors "$d") || exit 2; done
 
 # Numbers exactly as the program writes them in a run's folder name (10.0 -> 10, 0.1000001 stays), so that
-# finished runs are recognised whatever the packing.
-exact() { "$PYTHON" -c 'import sys
-print(" ".join(t[:-2] if t.endswith(".0") else t for t in (repr(float(v)) for v in sys.argv[1:])))' "$@"; }
-for v in BASE_BETAS TCVAE_BETAS TCVAE_GAMMAS MLVAE_BETAS GVAE_BETAS ADA_BETAS; do
-  eval "$v=(\$(exact \"\${$v[@]}\"))"
-done
-ABLATION_BETA=$(exact "$ABLATION_BETA"); ABLATION_GAMMA=$(exact "$ABLATION_GAMMA")
-TCVAE_SETTINGS=($(for bg in "${TCVAE_SETTINGS[@]:+${TCVAE_SETTINGS[@]}}"; do
-  echo "$(exact "${bg%%:*}"):$(exact "${bg##*:}")"; done))
+# finished runs are recognised whatever the packing: every list in one call, one line each (BETA:GAMMA pairs too).
+EXACT=(BASE_BETAS TCVAE_BETAS TCVAE_GAMMAS MLVAE_BETAS GVAE_BETAS ADA_BETAS ABLATION_BETA ABLATION_GAMMA TCVAE_SETTINGS)
+mapfile -t lines < <(for v in "${EXACT[@]}"; do eval "echo \"\${$v[*]:-}\""; done | "$PYTHON" -c 'import sys
+exact = lambda t: t[:-2] if t.endswith(".0") else t
+for line in sys.stdin:
+    print(" ".join(":".join(exact(repr(float(n))) for n in v.split(":")) for v in line.split()))')
+[ ${#lines[@]} -eq ${#EXACT[@]} ] || die "could not write the betas and gammas as numbers with $PYTHON"
+for i in "${!EXACT[@]}"; do eval "${EXACT[$i]}=(${lines[$i]})"; done
 SEEDS=($(for s in "${SEEDS[@]}"; do echo $((10#$s)); done))  # 007 -> 7, as the program reads it (exactly)
 GROUP_SIZES=($(for gs in "${GROUP_SIZES[@]}"; do echo $((10#$gs)); done))
 for v in DATASETS SEEDS BASE_BETAS TCVAE_BETAS TCVAE_GAMMAS TCVAE_SETTINGS MLVAE_BETAS GVAE_BETAS ADA_MODELS \
@@ -180,29 +180,30 @@ done
 CMDS=()     # one command per process: a run, or a sweep of runs trained together
 LOGS=()     # where its output goes
 MEMBERS=()  # the run folders it trains, to tell when it is finished
-LISTED=" "  # every run listed so far, as DATASET/NAME
+declare -A LISTED=()  # every run listed so far, as DATASET/NAME (a look-up, not a search of a growing string)
 # Every run is at RUNS_DIR/DATASET/NAME, NAME its settings as the program names a sweep's run (run_name()): the
 # same folder however runs are packed into processes, so that changing SWEEP_SIZE, GPUS or JOBS never trains a
 # finished run again. A sweep's process gets --out RUNS_DIR/DATASET and puts each of its runs there.
 add() {  # add DATASET MODEL GROUP_SIZE TC_LEVEL "BETAS" "GAMMAS" "SEEDS" PAIRS: one process for their product
-  local d=$1 m=$2 gs=$3 tc=$4 betas=$5 gammas=$6 seeds=$7 pairs=$8 b g s name names=() fresh=0 out members=""
+  local d=$1 m=$2 gs=$3 tc=$4 betas=$5 gammas=$6 seeds=$7 pairs=$8 b g s name names=() fresh=0 out members="" more
   local kind="" bs=""  # as the program names a run on k-factor pairs, or at another batch size
   [ "$pairs" = groups ] || kind="_pairs-${pairs}-k${K}"
   [ "$BATCH_SIZE" = 32 ] || bs="_bs${BATCH_SIZE}"
   [[ " ${ONLY_MODELS[*]} " == *" $m "* ]] || return 0
   for s in $seeds; do for b in $betas; do for g in $gammas; do
     name="${m}_${d}_beta${b}_gamma${g}_gs${gs}_tc-${tc}${kind}${bs}_seed${s}"
-    [[ $LISTED == *" $d/$name "* ]] || fresh=1
-    LISTED+="$d/$name "
+    [ -n "${LISTED[$d/$name]:-}" ] || fresh=1
+    LISTED[$d/$name]=1
     names+=("$name")
     members+="$RUNS_DIR/$d/$name "
   done; done; done
   [ "$fresh" = 1 ] || return 0  # every run of it is listed already
   if [ ${#names[@]} -eq 1 ]; then out="$RUNS_DIR/$d/${names[0]}"; else out="$RUNS_DIR/$d"; fi
-  LOGS+=("$RUNS_DIR/logs/${names[0]}$([ ${#names[@]} -eq 1 ] || echo "+$(( ${#names[@]} - 1 ))").log")
+  if [ ${#names[@]} -eq 1 ]; then more=""; else more="+$(( ${#names[@]} - 1 ))"; fi
+  LOGS+=("$RUNS_DIR/logs/${names[0]}$more.log")
   MEMBERS+=("$members")
   CMDS+=("$PYTHON grouptc.py --model $m --dataset $d --data-dir $DATA_DIR --steps $STEPS --batch-size $BATCH_SIZE \
---group-size $gs --beta ${betas// /,} --gamma ${gammas// /,} --tc-level $tc --content-factors $(content_factors "$d") \
+--group-size $gs --beta ${betas// /,} --gamma ${gammas// /,} --tc-level $tc --content-factors ${CONTENT[$d]} \
 --latent-dim 10 --content-dims 5 --seed ${seeds// /,} --device $DEVICE --eval-samples $EVAL_SAMPLES \
 --pairs $pairs ${kind:+--k $K }${METRICS:+--metrics $METRICS }--eval-every $EVAL_EVERY --log-every $LOG_EVERY \
 --checkpoint-every $CHECKPOINT_EVERY --out $out")
