@@ -1488,8 +1488,8 @@ def test_the_gpu_grid_script_runs_whole_on_the_cpu(tmp_path):
                         "TRAIN_S": "5", "SEEDS": "0", "GTC_BETAS": "10", "GTC_GAMMAS": "8", "BASE_BETAS": "1",
                         "TC_LEVELS": "full", "EVAL_SAMPLES": "100", "RUNS_DIR": str(tmp_path / "runs"),
                         "OUT": str(out), "PYTHON": sys.executable}
-    run = lambda: subprocess.run(["bash", "benchmarks/gpu_grid.sh"], cwd=HERE, env=env, capture_output=True,  # noqa
-                                 text=True, timeout=600)
+    run = lambda **more: subprocess.run(["bash", "benchmarks/gpu_grid.sh"], cwd=HERE, env=env | more,  # noqa
+                                        capture_output=True, text=True, timeout=600)
     done = run()
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_grid.tar.gz", "gpu_grid.txt", "results.md"]
@@ -1499,8 +1499,9 @@ def test_the_gpu_grid_script_runs_whole_on_the_cpu(tmp_path):
         names = tar.getnames()
     assert sum(n.endswith("metrics.json") for n in names) == 3 and not any(n.endswith(".pt") for n in names)
     assert "| group_tcvae (TC full) | 1 | 2 |" in (out / "results.md").read_text()
-    again = run()
-    assert again.returncode == 0 and "STEPS=2 MODE=" in again.stderr and "continuing" in again.stderr
+    again = run(DEADLINE_S="1")  # its plan read back, not measured again; no time left to train: it says so
+    assert again.returncode == 2 and "STEPS=2 MODE=" in again.stderr and "continuing" in again.stderr
+    assert "no time left before DEADLINE_S=1" in again.stderr and "calibration" not in again.stderr
 
 
 def test_slurm_array_task_runs_one_entry_of_the_list(tmp_path):
