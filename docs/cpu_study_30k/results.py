@@ -1,0 +1,83 @@
+"""Writes docs/cpu_study_30k/results.md and its figures from the committed runs, nothing typed in by hand.
+
+    python docs/cpu_study_30k/results.py        # from the repository's folder
+
+`python grouptc.py --summarize` over the 15 runs of 30,000 steps and the 3,000-step study's runs of the same five
+settings (docs/cpu_study/runs) gives the tables per setting at both lengths; below them come each run's scores at
+step 3,000 (its own scores.csv) and every metric at step 30,000. The figures (Figure 4, scores over training) show the
+30,000-step runs.
+"""
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+SHORT = HERE.parent / "cpu_study" / "runs"
+# Runs whose first 3,000 steps were not (all) trained on the AVX2 processor of the 3,000-step study (plan.md): at
+# step 3,000 they are other draws of their seeds than that study's runs.
+OTHER_DRAW = {"group_tcvae_beta10_gamma8_gs2_tc-full_seed0",  # on an Intel Xeon from step 1,479
+              "group_tcvae_beta10_gamma8_gs2_tc-full_seed1",  # from step 1,405
+              "gvae_beta4_gamma0_gs2_tc-inter_seed1", "mlvae_beta1_gamma0_gs2_tc-inter_seed2"}  # from step 0
+LABELS = {"group_tcvae_beta10_gamma8_gs2_tc-inter": "group-tcVAE (10/8, `inter`)",
+          "group_tcvae_beta10_gamma8_gs2_tc-full": "group-tcVAE (10/8, `full`)",
+          "mlvae_beta1_gamma0_gs2_tc-inter": "MLVAE 1",
+          "gvae_beta4_gamma0_gs2_tc-inter": "GVAE 4",
+          "ada_gvae_beta1_gamma0_gs2_tc-inter": "Ada-GVAE 1"}
+METRICS = [("factor_vae_score", "FactorVAE"), ("dci_disentanglement", "DCI dis."), ("dci_completeness", "DCI comp."),
+           ("dci_informativeness", "DCI inf."), ("sap", "SAP"), ("modularity", "modularity")]
+
+
+def scores_at(run, step):
+    for row in (run / "scores.csv").read_text().splitlines()[1:]:
+        s, mig, group_mig = row.split(",")
+        if int(s) == step:
+            return float(mig), float(group_mig)
+    raise SystemExit(f"{run}/scores.csv has no row at step {step}")
+
+
+def main():
+    order = lambda p: (list(LABELS).index(p.name.rsplit("_seed", 1)[0]), p.name)  # noqa: E731 (as LABELS lists)
+    runs = sorted((p for p in (HERE / "runs").iterdir() if (p / "metrics.json").exists()), key=order)
+    names = [r.name for r in runs]
+    with tempfile.TemporaryDirectory() as tmp:
+        for length, folder in (("30k", HERE / "runs"), ("3k", SHORT)):
+            for name in names:
+                src, dst = folder / name, Path(tmp) / length / name
+                dst.mkdir(parents=True)
+                for f in ("config.json", "metrics.json", "scores.csv"):
+                    if (src / f).exists():
+                        shutil.copy(src / f, dst / f)
+        done = subprocess.run([sys.executable, str(REPO / "grouptc.py"), "--summarize", tmp], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise SystemExit(done.stderr)
+        table = (Path(tmp) / "results.md").read_text().splitlines()
+        for fig in ("figure4_dsprites_procedural.png", "scores_dsprites_procedural.png"):
+            shutil.copy(Path(tmp) / fig, HERE / fig)
+    table[0] = (f"# Results: the 30,000-step CPU study ({len(runs)} runs) beside the same settings' runs of the "
+                "3,000-step study")
+    lines = table + [
+        "", "## Each run of 30,000 steps", "",
+        "MIG and group-MIG at step 3,000 are the run's own (its scores.csv); the rest at step 30,000 (metrics.json). "
+        "Marked \\*: at step 3,000 another draw of its seed than the 3,000-step study's run (trained in part on an "
+        "Intel Xeon; plan.md), whose scores the tables above pool at 3,000 steps.", "",
+        "| setting | seed | MIG 3,000 | group-MIG 3,000 | MIG 30,000 | group-MIG 30,000 | "
+        + " | ".join(t for _, t in METRICS) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(METRICS)]
+    for run in runs:
+        m = json.loads((run / "metrics.json").read_text())
+        setting, seed = run.name.rsplit("_seed", 1)
+        mig3, gmig3 = scores_at(run, 3000)
+        mark = " \\*" if run.name in OTHER_DRAW else ""
+        lines.append(f"| {LABELS.get(setting, setting)} | {seed}{mark} | {mig3:.3f} | {gmig3:.3f} | {m['mig']:.3f} | "
+                     f"{m['group_mig']:.3f} | " + " | ".join(f"{m[k]:.3f}" for k, _ in METRICS) + " |")
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {HERE / 'results.md'} and 2 figures ({len(runs)} runs)")
+
+
+if __name__ == "__main__":
+    main()
