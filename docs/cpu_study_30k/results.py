@@ -39,7 +39,28 @@ def scores_at(run, step):
     raise SystemExit(f"{run}/scores.csv has no row at step {step}")
 
 
-def main():
+def compact_table(runs):
+    """The means of each setting's seeds at 3,000 steps (the 3,000-step study's runs) and at 30,000, every metric,
+    then each seed's MIG and group-MIG: the README's table."""
+    metrics = [("mig", "MIG"), ("group_mig", "group-MIG")] + METRICS
+    lines = ["| setting | steps | seeds | " + " | ".join(t for _, t in metrics) + " | MIG per seed | group-MIG per seed |",
+             "|---|---|---|" + "---|" * (len(metrics) + 2)]
+    for setting, label in LABELS.items():
+        for steps, folder in ((3000, SHORT), (30000, HERE / "runs")):
+            ms = [json.loads((folder / r.name / "metrics.json").read_text()) for r in runs
+                  if r.name.rsplit("_seed", 1)[0] == setting]
+            if not ms:
+                continue
+            assert all(m["steps"] == steps for m in ms), (setting, steps)
+            per_seed = [", ".join(f"{m[k]:.3f}" for m in ms) for k in ("mig", "group_mig")]
+            lines.append(f"| {label} | {steps:,} | {len(ms)} | "
+                         + " | ".join(f"{sum(m[k] for m in ms) / len(ms):.3f}" for k, _ in metrics)
+                         + f" | {per_seed[0]} | {per_seed[1]} |")
+    return lines
+
+
+def main(out=HERE):
+    out = Path(out)
     order = lambda p: (list(LABELS).index(p.name.rsplit("_seed", 1)[0]), p.name)  # noqa: E731 (as LABELS lists)
     runs = sorted((p for p in (HERE / "runs").iterdir() if (p / "metrics.json").exists()), key=order)
     names = [r.name for r in runs]
@@ -57,10 +78,13 @@ def main():
             raise SystemExit(done.stderr)
         table = (Path(tmp) / "results.md").read_text().splitlines()
         for fig in ("figure4_dsprites_procedural.png", "scores_dsprites_procedural.png"):
-            shutil.copy(Path(tmp) / fig, HERE / fig)
-    table[0] = (f"# Results: the 30,000-step CPU study ({len(runs)} runs) beside the same settings' runs of the "
-                "3,000-step study")
-    lines = table + [
+            shutil.copy(Path(tmp) / fig, out / fig)
+    lines = [f"# Results: the 30,000-step CPU study ({len(runs)} runs) beside the same settings' runs of the "
+             "3,000-step study", "",
+             "Written by `python docs/cpu_study_30k/results.py` from the committed runs. Means of each setting's "
+             "seeds (at 3,000 steps the 3,000-step study's runs; at 30,000 this study's), every metric, then each "
+             "seed's MIG and group-MIG in seed order:", ""] + compact_table(runs) + [
+             "", "What `python grouptc.py --summarize` writes for the runs of both studies:", ""] + table[1:] + [
         "", "## Each run of 30,000 steps", "",
         "MIG and group-MIG at step 3,000 are the run's own (its scores.csv); the rest at step 30,000 (metrics.json). "
         "Marked \\*: at step 3,000 another draw of its seed than the 3,000-step study's run (trained in part on an "
@@ -73,10 +97,10 @@ def main():
         setting, seed = run.name.rsplit("_seed", 1)
         mig3, gmig3 = scores_at(run, 3000)
         mark = " \\*" if run.name in OTHER_DRAW else ""
-        lines.append(f"| {LABELS.get(setting, setting)} | {seed}{mark} | {mig3:.3f} | {gmig3:.3f} | {m['mig']:.3f} | "
+        lines.append(f"| {LABELS[setting]} | {seed}{mark} | {mig3:.3f} | {gmig3:.3f} | {m['mig']:.3f} | "
                      f"{m['group_mig']:.3f} | " + " | ".join(f"{m[k]:.3f}" for k, _ in METRICS) + " |")
-    (HERE / "results.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {HERE / 'results.md'} and 2 figures ({len(runs)} runs)")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'results.md'} and 2 figures ({len(runs)} runs)")
 
 
 if __name__ == "__main__":
