@@ -6,6 +6,7 @@ import collections
 import contextlib
 import errno
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -1034,6 +1035,21 @@ def test_the_30k_studys_runs_at_step_3000_are_the_3k_studys_runs():
                 assert float(at[3000][k]) == pytest.approx(short[k], abs=0.008), (scores.parent.name, k)
             else:
                 assert float(at[3000][k]) == float(f"{short[k]:.6g}"), (scores.parent.name, k)
+
+
+def test_the_30k_studys_results_are_what_its_script_writes_from_the_runs(tmp_path):
+    """docs/cpu_study_30k/results.md is what docs/cpu_study_30k/results.py writes from the committed runs of both
+    studies (no figure typed in by hand), and the README shows its table of means as it is."""
+    spec = importlib.util.spec_from_file_location("results_30k", HERE / "docs" / "cpu_study_30k" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    results.main(tmp_path)
+    written = (tmp_path / "results.md").read_text()
+    assert written == (HERE / "docs" / "cpu_study_30k" / "results.md").read_text()
+    assert "(15 runs)" in written.splitlines()[0]
+    table = written.split("\n\n")[2].splitlines()  # the title, how it was written, then the means
+    assert len(table) == 2 + 10 and table[0].startswith("| setting | steps | seeds | MIG |")
+    assert "\n".join(table) in (HERE / "README.md").read_text()
 
 
 def test_resume_keeps_the_saved_device_and_survives_a_device_change(tmp_path, monkeypatch, capsys):
