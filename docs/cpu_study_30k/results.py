@@ -7,6 +7,7 @@ settings (docs/cpu_study/runs) gives the tables per setting at both lengths; bel
 step 3,000 (its own scores.csv) and every metric at step 30,000. The figures (Figure 4, scores over training) show the
 30,000-step runs.
 """
+import csv
 import json
 import shutil
 import subprocess
@@ -32,10 +33,10 @@ METRICS = [("factor_vae_score", "FactorVAE"), ("dci_disentanglement", "DCI dis."
 
 
 def scores_at(run, step):
-    for row in (run / "scores.csv").read_text().splitlines()[1:]:
-        s, mig, group_mig = row.split(",")
-        if int(s) == step:
-            return float(mig), float(group_mig)
+    with open(run / "scores.csv", newline="") as f:
+        for row in csv.DictReader(f):  # by the columns' names, as grouptc.py writes them
+            if int(row["step"]) == step:
+                return float(row["mig"]), float(row["group_mig"])
     raise SystemExit(f"{run}/scores.csv has no row at step {step}")
 
 
