@@ -9,12 +9,12 @@ group c, or the rest \\c. The code splits the same way, z = (z_\\c, z_c). group-
 ELBO a total correlation penalty between z_c and z_\\c (a discriminator D estimates it) and a KL term that pulls
 the members' posteriors over the shared group's dims together.
 
-Run:
+One process trains one run:
     python grouptc.py --model group_tcvae --dataset dsprites               # the official file, downloaded if missing
     python grouptc.py --model group_tcvae --dataset dsprites_procedural    # built-in renderer, no download
+    python grouptc.py --resume --out RUN                                   # continue a run from its checkpoint
     python grouptc.py --eval-only --out RUN --eval-samples 0               # re-evaluate a saved run on all points
-    python grouptc.py --summarize runs/                                    # Figure 3(b), 3(c), 4 and results.md
-    python grouptc.py --dataset dsprites_procedural --seed 0,1,2 --gamma 1,8   # a sweep: 6 runs trained together
+Many runs are many processes (run_paper.sh); compare.py scores and summarises them.
 
 Where each quantity of the paper lives:
     groups of observations .................. sample_groups(); Locatello et al.'s pairs: sample_k_factor_pairs()
@@ -27,31 +27,20 @@ Where each quantity of the paper lives:
              discriminator loss ............... discriminator_loss()
     one training step (VAE, then D) ......... train_step()
     Sec. 4   MIG, group-MIG ................... mutual_info_matrix(), mig(), group_mig()
-             the field's other scores (not the paper's) dci(), sap(), modularity(), factor_vae_score()
     Fig. 3a  MI matrix ........................ plot_mi_matrix()
-    Fig. 3b, 3c, 4 ............................ figure_3b(), figure_3c(), figure_4(), via summarize()
     Fig. 5   reconstructions, traversals ...... plot_reconstructions(), plot_traversals()
 
-Use it as a library (README, "Use it in your own code", has a complete example):
-    classes, shares_content = sample_groups(data.factor_sizes, content_factors, 32, generator=g)  # (32, 2, K)
-    x = data.images(classes.flatten(0, 1)).view(32, 2, C, 64, 64)  # or your own images of those classes
-    terms = train_step(vae, D, vae_opt, d_opt, x, shares_content, "group_tcvae", beta=10, gamma=8, content_dims=5)
-    mig(codes, factors), group_mig(codes, factors, content_latents, content_factors)   # numpy (N, L), (N, K)
-
 Sections: the method (group sampler -> model -> objectives -> metrics -> the training step), then the machinery
-(sweeps -> run folders -> data sources -> arguments -> the training loop -> the field's other scores ->
-evaluation and figures -> summary -> command line).
+(run folders -> data sources -> arguments -> the training loop -> evaluation and figures -> command line).
 """
 
 import argparse
 import collections
-import concurrent.futures
 import contextlib
 import csv
 import errno
 import functools
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -60,9 +49,12 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
+import textwrap
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 try:
@@ -75,8 +67,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TC_LEVELS = ("inter", "inter_intra", "full")
+__all__ = [  # the library: the method, the data sources, the metrics
+    "sample_groups", "sample_k_factor_pairs", "VAE", "Discriminator", "reconstruction", "kl_to_prior", "gaussian_kl",
+    "average_posterior", "product_posterior", "group_kl", "tc_blocks", "permute_codes", "tc_estimate",
+    "discriminator_loss", "shared_dims", "adaptive_shared_dims", "group_objective", "train_step", "adam",
+    "mutual_info_matrix", "mig", "group_mig", "load_dataset", "resolve_factors", "DSpritesProcedural",
+    "Shapes3DProcedural", "ArrayData", "encode_means", "evaluate", "main", "MODELS", "DATASETS", "TC_LEVELS"]
 
+TC_LEVELS = ("inter", "inter_intra", "full")
 
 # ================================================================================================================
 # THE METHOD
@@ -162,6 +160,10 @@ def sample_k_factor_pairs(factor_sizes, batch_size, k=None, exact=False, generat
 # ----------------------------------------------------------------------------------------------------------------
 # The latent z = (z_\c, z_c): z_\c the first latent_dim - content_dims dims, z_c the last content_dims (Fig. 3a).
 class VAE(nn.Module):
+    """The encoder q(z|x) and decoder p(x|z) of disentanglement_lib's conv VAE, for 64 x 64 images.
+    encode: (N, channels, 64, 64) in [0, 1] -> mu, logvar, each (N, latent_dim).
+    decode: (N, latent_dim) -> (N, channels, 64, 64) Bernoulli logits."""
+
     def __init__(self, channels=1, latent_dim=10):
         super().__init__()
         self.encoder = nn.Sequential(
@@ -188,10 +190,12 @@ class VAE(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """FactorVAE's D: 6 hidden layers of 1000, LeakyReLU(0.2), 2 logits (0: joint q(z), 1: factorised q-bar(z))."""
+    """FactorVAE's D: 6 hidden layers of 1000, LeakyReLU(0.2), 2 logits (0: joint q(z), 1: factorised q-bar(z)).
+    forward: codes (N, latent_dim) -> logits (N, 2)."""
 
     def __init__(self, latent_dim=10, hidden=1000, layers=6):
         super().__init__()
+        self.latent_dim = latent_dim
         sizes = [latent_dim] + [hidden] * layers
         blocks = []
         for a, b in zip(sizes[:-1], sizes[1:]):
@@ -199,6 +203,8 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(*blocks, nn.Linear(hidden, 2))
 
     def forward(self, z):
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"the discriminator takes codes (N, {self.latent_dim}), got {tuple(z.shape)}")
         return self.net(z)
 
 
@@ -262,12 +268,10 @@ def tc_blocks(level, latent_dim, content_dims):
     raise ValueError(f"unknown TC level {level!r}; expected one of {', '.join(TC_LEVELS)}")
 
 
-def permute_codes(z, blocks, generator=None, u=None):
+def permute_codes(z, blocks, generator=None):
     """Samples of q-bar: each block of dims gets its own random permutation of the N codes (rows).
-    z (N, L), blocks: L block ids in [0, L) (tc_blocks()) -> (N, L). u: the (N, L) uniform noise that orders the
-    permutations, drawn from `generator` when not given."""
-    u = torch.rand(z.shape, generator=generator, device=z.device) if u is None else u
-    perm = u.argsort(0)  # (N, L): one permutation per possible block
+    z (N, L), blocks: L block ids in [0, L) (tc_blocks()) -> (N, L)."""
+    perm = torch.rand(z.shape, generator=generator, device=z.device).argsort(0)  # (N, L): one per possible block
     return z.gather(0, perm[:, device_constant(tuple(blocks), z.device)])  # a block's dims share its permutation
 
 
@@ -306,7 +310,22 @@ OBJECTIVES = ("group_tcvae", "mlvae", "gvae", "ada_gvae", "ada_mlvae")  # what g
 ADAPTIVE = ("ada_gvae", "ada_mlvae")  # the models that infer the shared dims (pairs only; shares_content unused)
 
 
-def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims, generator=None, eps=None):
+def check_objective_args(model, x, shares_content, D):
+    """group_objective()'s arguments, checked before any computation: a clear ValueError, not a shape error."""
+    if model not in OBJECTIVES:
+        raise ValueError(f"unknown model {model!r}; expected one of {', '.join(OBJECTIVES)}")
+    adaptive = model in ADAPTIVE
+    if x.dim() != 5 or x.shape[1] < 2 or not adaptive and (shares_content is None or
+                                                            tuple(shares_content.shape) != (x.shape[0],)):
+        raise ValueError(f"expected x (B, G >= 2, C, H, W) and shares_content (B,), got {tuple(x.shape)} and "
+                         f"{None if shares_content is None else tuple(shares_content.shape)}")
+    if adaptive and x.shape[1] != 2:
+        raise ValueError(f"{model} learns from pairs; got groups of {x.shape[1]}")
+    if model == "group_tcvae" and D is None:
+        raise ValueError("group_tcvae needs the discriminator D")
+
+
+def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims, generator=None):
     """The loss of one batch of groups, for each model. Returns (loss, terms, z): terms holds each term's value per
     image; z (B*G, L) the sampled codes (D's training data).
 
@@ -320,25 +339,20 @@ def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims,
     is its LAST content_dims dims.
     beta: group-tcVAE: the weight of TC(z_c, z_\\c) (the prior KL has weight 1); the others: the weight of the KL
     of the (aggregated) posterior to N(0, I). gamma: group-tcVAE: the weight of the group KL; unused otherwise.
-    eps (B, G, L): the reparameterisation noise, drawn from `generator` when not given.
+    generator: the source of the reparameterisation noise.
     Every term is per image: the paper's sums over the G members of a group are averaged instead, as
-    disentanglement_lib's 0.5 * (rec1 + rec2) does, so beta and gamma keep their meaning for any G."""
-    if model not in OBJECTIVES:
-        raise ValueError(f"unknown model {model!r}; expected one of {', '.join(OBJECTIVES)}")
-    adaptive = model in ADAPTIVE
-    if x.dim() != 5 or x.shape[1] < 2 or not adaptive and (shares_content is None or
-                                                            tuple(shares_content.shape) != (x.shape[0],)):
-        raise ValueError(f"expected x (B, G >= 2, C, H, W) and shares_content (B,), got {tuple(x.shape)} and "
-                         f"{None if shares_content is None else tuple(shares_content.shape)}")
-    if adaptive and x.shape[1] != 2:
-        raise ValueError(f"{model} learns from pairs; got groups of {x.shape[1]}")
-    if model == "group_tcvae" and D is None:
-        raise ValueError("group_tcvae needs the discriminator D")
+    disentanglement_lib's 0.5 * (rec1 + rec2) does, so beta and gamma keep their meaning for any G.
+
+    group-tcVAE's loss, Eq. (3) read as a loss to minimise, per image x with code z = (z_\\c, z_c):
+        rec(x) + KL(q(z|x) || p(z)) + beta * TC(z_c, z_\\c) + gamma * KL(q(z_S|x) || q(z_S|x'))
+    with S the dims of the group x shares with the other members x' of its group (both directions, averaged)."""
+    check_objective_args(model, x, shares_content, D)
     B, G = x.shape[:2]
     mu, logvar = (t.float().view(B, G, -1) for t in vae.encode(x.flatten(0, 1)))
     if not 0 < content_dims < mu.shape[-1]:
         raise ValueError(f"content_dims must be in 1..{mu.shape[-1] - 1} (both latent groups non-empty), got "
                          f"{content_dims}")
+    adaptive = model in ADAPTIVE
     # (B, L): the dims of the group each group shares; the Ada models infer them from the pair
     shared = adaptive_shared_dims(mu, logvar) if adaptive else shared_dims(shares_content, mu.shape[-1], content_dims)
     if model != "group_tcvae":
@@ -346,7 +360,7 @@ def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims,
         # their own.
         mu_g, logvar_g = (product_posterior if model in ("mlvae", "ada_mlvae") else average_posterior)(mu, logvar)
         mu, logvar = torch.where(shared[:, None], mu_g, mu), torch.where(shared[:, None], logvar_g, logvar)
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device) if eps is None else eps
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device)
     z = (mu + eps * (0.5 * logvar).exp()).flatten(0, 1)  # (B*G, L), reparameterised
     rec = reconstruction(vae.decode(z).float(), x.flatten(0, 1)).mean()
     kl = kl_to_prior(mu, logvar).sum(-1).mean()
@@ -354,12 +368,14 @@ def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims,
         return rec + beta * kl, {"rec": rec, "kl": kl, "shared_dims": shared.float().sum(1).mean()}, z
     if model != "group_tcvae":
         return rec + beta * kl, {"rec": rec, "kl": kl}, z  # Eq. (1)
-    # Eq. (3), read as a loss to minimise. NOTE: as printed, Eq. (3) subtracts (beta*TC - gamma*KL), which would
-    # REWARD a large KL between the shared latents; the text says that term pulls them together, so it is added.
+    # Eq. (3). NOTE: as printed, Eq. (3) subtracts (beta*TC - gamma*KL), which would REWARD a large KL between the
+    # shared latents; the text says that term pulls them together, so it is added.
     with torch.autocast(z.device.type, enabled=False):
         tc = tc_estimate(D(z.float()))  # gradients reach the encoder; D's own parameters are frozen by the caller
     gkl = group_kl(mu, logvar, shared)
     return rec + kl + beta * tc + gamma * gkl, {"rec": rec, "kl": kl, "tc": tc, "group_kl": gkl}, z
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics: disentanglement_lib's discrete MIG, and the paper's group-MIG, on the same plug-in MI estimator.
 # ----------------------------------------------------------------------------------------------------------------
@@ -577,13 +593,12 @@ def train_step(vae, D, vae_opt, d_opt, x, shares_content, model="group_tcvae", b
     d_opt.step()
     return out | {"d_loss": d_loss.detach(), "d_acc": d_acc.detach()}
 
-
 # ================================================================================================================
-# THE MACHINERY: sweeps, run folders, data sources, arguments, the training loop, evaluation, figures, summary
+# THE MACHINERY: a run, run folders, data sources, arguments, the training loop, evaluation, figures
 # ================================================================================================================
 # What the machinery knows of a model: its default beta and gamma, the terms train_step() returns for it (the
-# columns of log.csv), its colour in the figures, and whether it is a baseline with an aggregated posterior (Figures
-# 3b, 3c). A new model is an entry here and its branch in group_objective().
+# columns of log.csv), its colour in compare.py's figures, and whether it is a baseline with an aggregated posterior
+# (Figures 3b, 3c). A new model is an entry here and its branch in group_objective().
 ModelSpec = collections.namedtuple("ModelSpec", "beta gamma terms color baseline")
 
 
@@ -601,22 +616,22 @@ PAIRS = ("groups", "k_factors", "k_factors_exact")  # --pairs
 DATASETS = ("dsprites", "shapes3d", "dsprites_procedural", "shapes3d_procedural")
 
 
+
 # ----------------------------------------------------------------------------------------------------------------
-# Runs and sweeps: a Run holds one run's networks, optimisers and generators; a Sweep trains S runs together.
+# A run: its networks, optimisers and generators, drawn from its --seed.
 # ----------------------------------------------------------------------------------------------------------------
 def adam(params, net, device, capturable=False):
     """The optimisers of the reference code: the VAE's Adam(1e-4, (0.9, 0.999)), D's Adam(1e-4, (0.5, 0.9)).
-    CUDA: fused and, for the CUDA graph, capturable (one kernel, inside the graph). CPU: the default Adam, which
-    computes the runs of docs/cpu_study byte for byte (the fused one was 0-4% faster there and rounds differently)."""
+    CUDA: fused and, for the CUDA graph, capturable (one kernel, inside the graph). CPU: the default Adam (the fused
+    one was no faster there and rounds differently)."""
     fused = {"fused": True, "capturable": capturable} if device.type == "cuda" else {}
     betas = (0.9, 0.999) if net == "vae" else (0.5, 0.9)
     return torch.optim.Adam(params, lr=1e-4, betas=betas, eps=1e-8, **fused)
 
 
 class Run:
-    """One run: its flags (args), its networks (always the trained weights) and optimisers (None while a
-    StackedRuns holds their states), its generators and the step it stands at. Alone or in a sweep it computes the
-    same thing: it draws from its own generators, seeded from its --seed."""
+    """One run: its flags (args), data, networks, optimisers, generators and the step it stands at. Everything it
+    draws comes from its own two generators, seeded from --seed, so a seed reproduces the run."""
 
     def __init__(self, args, data, content_factors, device):
         self.args, self.data, self.content_factors, self.device = args, data, content_factors, device
@@ -631,10 +646,8 @@ class Run:
         self.step, self.train_seconds = 0, 0.0
         self.threads = []  # the torch thread counts it trained with (the CPU's sums depend on them)
         self.machines = []  # and the torch builds and processors (machine()): the sums depend on them too
-        if args.compile:  # in place: the parameter names stay, so checkpoints load either way
-            for module in (self.vae.encoder, self.vae.decoder, self.D):
-                if module is not None:
-                    module.compile()
+        self.hyper = dict(model=args.model, beta=args.beta, gamma=args.gamma, content_dims=args.content_dims,
+                          tc_level=args.tc_level, generator=self.model_gen, amp=device.type == "cuda")
 
     def sample(self):
         """A fresh batch from the run's data generator: classes (B, G, K), and shares_content (B,) for the paper's
@@ -647,35 +660,29 @@ class Run:
         return sample_k_factor_pairs(self.data.factor_sizes, a.batch_size, k, a.pairs == "k_factors_exact",
                                      self.data_gen)[0], None
 
-    def next_step(self):
-        """One train_step() on a fresh batch -> its terms as a (n_terms,) tensor, in MODELS[model].terms order."""
-        a = self.args
-        classes, shares = self.sample()
-        x = self.data.images(classes.flatten(0, 1)).view(*classes.shape[:2], self.data.channels, 64, 64)
-        terms = train_step(self.vae, self.D, self.vae_opt, self.d_opt, x, shares, a.model, a.beta, a.gamma,
-                           a.content_dims, a.tc_level, self.model_gen, amp=self.device.type == "cuda")
-        return torch.stack([terms[name] for name in MODELS[a.model].terms])
+    def images(self, classes):
+        """(B, G, K) classes -> (B, G, C, 64, 64) images."""
+        return self.data.images(classes.flatten(0, 1)).view(*classes.shape[:2], self.data.channels, 64, 64)
 
-    def state(self, log_sum, log_count, optimizers=None):
-        """The run's checkpoint: tensors and plain types only, so that it loads with weights_only=True.
-        optimizers: the (vae_opt, d_opt) state dicts, when a StackedRuns holds them."""
-        vae_opt, d_opt = optimizers or (self.vae_opt.state_dict(), self.d_opt.state_dict() if self.d_opt else None)
+    def save(self, path, log_sum, log_count):
+        """The run's checkpoint, tensors and plain types only (it loads with weights_only=True), written atomically."""
         weights = lambda m: {n: t.detach().clone() for n, t in m.state_dict().items()}  # noqa: E731 (not views)
-        return {"step": self.step, "train_seconds": self.train_seconds, "args": public_args(self.args),
-                "vae": weights(self.vae), "vae_opt": vae_opt, "D": weights(self.D) if self.D is not None else None,
-                "d_opt": d_opt, "data_gen": self.data_gen.get_state(), "model_gen": self.model_gen.get_state(),
-                "log_sum": log_sum, "log_count": log_count, "torch_threads": self.threads,
-                "machines": self.machines, "factor_sizes": list(self.data.factor_sizes)}
+        state = {"version": CHECKPOINT_VERSION, "step": self.step, "train_seconds": self.train_seconds,
+                 "args": public_args(self.args), "vae": weights(self.vae), "vae_opt": self.vae_opt.state_dict(),
+                 "D": weights(self.D) if self.D is not None else None,
+                 "d_opt": self.d_opt.state_dict() if self.d_opt is not None else None,
+                 "data_gen": self.data_gen.get_state(), "model_gen": self.model_gen.get_state(),
+                 "log_sum": log_sum.clone(), "log_count": log_count, "torch_threads": self.threads,
+                 "machines": self.machines, "factor_sizes": list(self.data.factor_sizes)}
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
 
-    def load(self, checkpoint, path):
+    def load(self, c, path):
         """A checkpoint (load_checkpoint()) into this run: weights, optimisers, generators, step."""
-        c = checkpoint
+        if tuple(c["factor_sizes"]) != self.data.factor_sizes:
+            raise UserError(f"the checkpoint {path} was trained on data with factor sizes {tuple(c['factor_sizes'])}, "
+                            f"but {self.data.name} here has {self.data.factor_sizes}: a run goes on with the data it "
+                            "started on; point --data-dir at that file (or train anew in another --out)")
         try:
-            saved = c.get("factor_sizes")  # unknown for earlier checkpoints
-            if saved is not None and tuple(saved) != self.data.factor_sizes:
-                raise UserError(f"the checkpoint {path} was trained on data with factor sizes {tuple(saved)}, but "
-                                f"{self.data.name} here has {self.data.factor_sizes}: a run goes on with the data it "
-                                "started on; point --data-dir at that file (or train anew in another --out)")
             self.vae.load_state_dict(c["vae"])
             load_adam(self.vae_opt, c["vae_opt"])
             if self.D is not None:
@@ -690,12 +697,11 @@ class Run:
                 base = (self.args.seed * 1_000_003 + c["step"]) * 2 % 2 ** 63  # two roles, never one seed
                 self.data_gen.manual_seed(base)
                 self.model_gen.manual_seed(base + 1)
-            self.step, self.train_seconds = int(c["step"]), float(c["train_seconds"])
-            self.threads = [int(n) for n in c.get("torch_threads", [])]  # unknown for earlier checkpoints
-            self.machines = [str(m) for m in c.get("machines", [])]
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as error:
             raise UserError(f"the checkpoint {path} does not fit the run its flags describe "
                             f"({type(error).__name__}: {(str(error).splitlines() or [''])[0]})") from None
+        self.step, self.train_seconds = c["step"], float(c["train_seconds"])
+        self.threads, self.machines = [int(n) for n in c["torch_threads"]], [str(m) for m in c["machines"]]
 
 
 def load_adam(opt, saved):
@@ -708,219 +714,27 @@ def load_adam(opt, saved):
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-class Bound:
-    """A module computed with other parameters (torch.func.functional_call): Bound(vae, p).encode(x) runs
-    VAE.encode with the weights p, so that one definition of the networks serves every run of a StackedRuns."""
-
-    def __init__(self, module, params):
-        self.module, self.params = module, params
-
-    def __call__(self, *args):
-        return torch.func.functional_call(self.module, self.params, args)
-
-    def __getattr__(self, name):
-        attr = getattr(self.module, name)
-        if isinstance(attr, nn.Module):  # a submodule, with its share of the parameters
-            prefix = name + "."
-            return Bound(attr, {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)})
-        if callable(attr):  # a method (encode, decode), run on this Bound
-            return functools.partial(getattr(type(self.module), name), self)
-        return attr
-
-
-class StackedRuns:
-    """Accelerators: the S runs of a sweep as one computation, torch.func.vmap over their stacked weights (a few
-    large kernels instead of S times a few hundred small ones). Each run's modules keep showing its weights (views
-    of the stacked storage); one Adam updates the stacked tensors, which is each run's own Adam (Adam is
-    elementwise). Each run draws what its train_step() would, from its own generators, and gets the gradient of its
-    own loss: the tests check every member against the run alone."""
-
-    def __init__(self, runs):
-        self.runs, first = runs, runs[0]
-        self.vae_params, self.vae_opt = self._stack("vae", "vae_opt")
-        self.d_params, self.d_opt = self._stack("D", "d_opt") if first.D is not None else ({}, None)
-        self.beta = torch.tensor([float(r.args.beta) for r in runs], device=first.device)
-        self.gamma = torch.tensor([float(r.args.gamma) for r in runs], device=first.device)
-
-    def _stack(self, net, opt):
-        """The runs' weights of one network stacked (and the runs' modules turned into views of them), with one
-        Adam over them holding the runs' Adam states stacked. The runs' own optimisers are dropped."""
-        modules = [getattr(r, net) for r in self.runs]
-        stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in modules])
-                   for n, _ in modules[0].named_parameters()}
-        for k, m in enumerate(modules):
-            for n, p in m.named_parameters():
-                p.data = stacked[n][k]
-        params = {n: t.requires_grad_() for n, t in stacked.items()}
-        first = self.runs[0]
-        stacked_opt = adam(params.values(), net, first.device, first.device.type == "cuda" and not first.args.eager)
-        states = [getattr(r, opt).state_dict()["state"] for r in self.runs]
-        if states[0]:  # resumed: each run's Adam moments, stacked (one step count: the runs stand at one step)
-            stacked_opt.load_state_dict({"state": {i: {name: v if name == "step" else torch.stack(
-                [s[i][name] for s in states]) for name, v in s0.items()} for i, s0 in states[0].items()},
-                "param_groups": stacked_opt.state_dict()["param_groups"]})
-        for r in self.runs:
-            setattr(r, opt, None)  # the stacked Adam holds its state: optimizer_states(k)
-        return params, stacked_opt
-
-    def optimizer_states(self, k):
-        """Run k's share of the stacked Adams, as the state dicts of an Adam over its own weights."""
-        def share(opt):
-            sd = opt.state_dict()
-            return {"state": {i: {name: (v if name == "step" else v[k]).detach().clone() for name, v in s.items()}
-                              for i, s in sd["state"].items()}, "param_groups": sd["param_groups"]}
-        return share(self.vae_opt), share(self.d_opt) if self.d_opt is not None else None
-
-    def next_step(self):
-        """One step of every run -> (S, n_terms) tensor of their terms."""
-        first, a = self.runs[0], self.runs[0].args
-        B, G, L = a.batch_size, a.group_size, a.latent_dim
-        classes, shares, eps, u = [], [], [], []
-        for r in self.runs:  # each run's draws, in the order its train_step() draws them
-            c, s = r.sample()
-            classes.append(c)
-            shares.append(s)
-            eps.append(torch.randn((B, G, L), generator=r.model_gen, device=r.device))
-            if first.D is not None:
-                u.append(torch.rand((B * G, L), generator=r.model_gen, device=r.device))
-        x = first.data.images(torch.cat(classes).flatten(0, 1)).view(len(self.runs), B, G, first.data.channels, 64, 64)
-        autocast = functools.partial(torch.autocast, first.device.type, dtype=torch.bfloat16,
-                                     enabled=first.device.type == "cuda", cache_enabled=False)
-        vae, D = first.vae, first.D
-        frozen_d = {n: p.detach() for n, p in self.d_params.items()}  # the VAE's step never moves D
-
-        def vae_loss(vae_p, d_p, x, shares, eps, beta, gamma):
-            with autocast():
-                D_p = Bound(D, d_p) if D is not None else None
-                loss, terms, z = group_objective(a.model, Bound(vae, vae_p), D_p, x, shares, beta, gamma,
-                                                 a.content_dims, eps=eps)
-            return loss, torch.stack(list(terms.values())), z
-
-        shares = torch.stack(shares) if shares[0] is not None else torch.zeros(len(self.runs), B, dtype=torch.bool,
-                                                                               device=first.device)  # unused
-        loss, terms, z = torch.func.vmap(vae_loss)(self.vae_params, frozen_d, x, shares, torch.stack(eps), self.beta,
-                                                   self.gamma)
-        self.vae_opt.zero_grad(set_to_none=True)
-        loss.sum().backward()  # each run's weights get exactly the gradient of its own loss
-        self.vae_opt.step()
-        values = [loss.detach()[:, None], terms.detach()]
-        if D is not None:
-            blocks = tc_blocks(a.tc_level, L, a.content_dims)
-
-            def d_loss(d_p, z, u):
-                with autocast():
-                    return discriminator_loss(Bound(D, d_p), z, permute_codes(z, blocks, u=u))
-
-            d_losses, d_acc = torch.func.vmap(d_loss)(self.d_params, z.detach(), torch.stack(u))
-            self.d_opt.zero_grad(set_to_none=True)
-            d_losses.sum().backward()
-            self.d_opt.step()
-            values += [d_losses.detach()[:, None], d_acc.detach()[:, None]]
-        return torch.cat([v.float() for v in values], 1)
-
-
-class CudaGraphStep:
-    """CUDA: a step function run eagerly for a few warm-up steps (on a side stream, as CUDA asks: lazy optimiser
-    state, cuBLAS handles), then captured once as a CUDA graph and replayed: one launch instead of hundreds, the
-    same computation. The generators are registered with the graph, so each replay draws fresh numbers."""
-
-    WARMUP = 3
-
-    def __init__(self, step, generators, device):
-        self.step, self.generators, self.device = step, generators, device
-        self.graph, self.warmed, self.failed = None, 0, False
-
-    def __call__(self):
-        if self.graph is not None:
-            self.graph.replay()
-            return self.values.clone()
-        if self.failed:
-            return self.step()
-        if self.warmed < self.WARMUP:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                values = self.step()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.warmed += 1
-            return values
-        graph = torch.cuda.CUDAGraph()
-        for generator in self.generators:
-            graph.register_generator_state(generator)
-        try:
-            with torch.cuda.graph(graph):
-                self.values = self.step()
-        except RuntimeError as error:  # speed only: the eager step computes the same thing
-            print(f"warning: CUDA graph capture failed ({error}); training continues without it", file=sys.stderr)
-            self.failed = True
-            return self.step()
-        self.graph = graph
-        graph.replay()  # capturing records the step without running it
-        return self.values.clone()
-
-
-class Sweep:
-    """The runs one process trains together: S runs that share model, data set and shapes and differ in seed, beta
-    and gamma (S = 1: an ordinary run). train_step() steps every run once: on the CPU each run's own train_step()
-    in turn, on accelerators one StackedRuns computation; on CUDA either way is one captured CUDA graph."""
-
-    BATCHED = None  # None: StackedRuns on accelerators when S > 1, the loop on the CPU; True / False: always
-
-    def __init__(self, runs):
-        self.runs, device = runs, runs[0].device
-        batched = (device.type != "cpu" and len(runs) > 1) if self.BATCHED is None else self.BATCHED
-        self.stacked = StackedRuns(runs) if batched else None
-        self.graph = None
-        if device.type == "cuda" and not runs[0].args.eager:
-            generators = [g for r in runs for g in (r.data_gen, r.model_gen)]
-            self.graph = CudaGraphStep(self._step, generators, device)
-
-    def __len__(self):
-        return len(self.runs)
-
-    @property
-    def step(self):
-        return self.runs[0].step
-
-    @property
-    def batched(self):
-        return self.stacked is not None
-
-    def _step(self):
-        if self.stacked is not None:
-            return self.stacked.next_step()
-        return torch.stack([r.next_step() for r in self.runs])
-
-    def train_step(self):
-        """One step of every run -> (S, n_terms) tensor of each run's terms (detached, on the device)."""
-        values = self.graph() if self.graph is not None else self._step()
-        for r in self.runs:
-            r.step += 1
-        return values
-
-    def save(self, k, path, log_sum, log_count):
-        """Run k's checkpoint, in the format of a run alone whatever trained it."""
-        optimizers = self.stacked.optimizer_states(k) if self.stacked is not None else None
-        state = self.runs[k].state(log_sum.clone(), log_count, optimizers)  # its own row, not a view of all S
-        write_atomic(path, lambda tmp: torch.save(state, tmp))
-
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run folders: errors, atomic writes, locks, checkpoints, configs read back, logs.
+# Run folders: errors, atomic writes, locks, checkpoints, configs read back, logs, stops.
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input is a UserError (one clear line from main(), never a traceback); every file is written whole or not at
 # all; a run folder is held by one process at a time; checkpoints and configs are read back without running code.
 class UserError(ValueError):
-    """A problem with the command line's input (a flag, a data file): the message says what was wrong and what was
+    """A problem with the input (a flag, a data file, a run folder): the message says what was wrong and what was
     expected."""
 
     exit_code = 2
 
 
 class RunFolderBusy(UserError):
-    """Another live process holds the run folder (run_paper.sh's workers skip such a run: exit status 3)."""
+    """Another live process holds the run folder (run_paper.sh's workers leave such a run to it: exit status 3)."""
 
     exit_code = 3
+
+
+class StopRun(Exception):
+    """A stop (Ctrl-C, SIGTERM) honoured at a safe point; the message says what was kept and how to go on."""
 
 
 def write_atomic(path, write):
@@ -954,14 +768,28 @@ def _disk_note(path):
     return f" (the disk holding {Path(path).parent} has {usage.free / 2 ** 20:,.0f} MiB free)"
 
 
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "log.csv", "scores.csv", "codes.npz")
+
+
 def check_out_folder(out):
-    """--out must be a folder (or not exist yet) under folders: checked before any data or model is built."""
+    """--out must be a folder (or not exist yet) under folders, named in text the file system gives back as it
+    is, and a run's files in it must be regular files: checked before any data or model is built."""
     out = Path(out)
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"--out {str(out)!r}: the path holds bytes that are not UTF-8 text; choose a path of plain "
+                        "characters") from None
     for p in (out, *out.parents):
         if p.exists() or p.is_symlink():
             if not p.is_dir():
                 raise UserError(f"--out {out}: {p} is a file, not a folder; choose another --out")
-            return out
+            break
+    for name in RUN_FILES:
+        p = out / name
+        if (p.exists() or p.is_symlink()) and not stat.S_ISREG(os.stat(p, follow_symlinks=False).st_mode):
+            raise UserError(f"{p} is not a regular file (a link, a folder, a pipe?); a run folder holds the files "
+                            "this program wrote: move it away")
     return out
 
 
@@ -977,8 +805,11 @@ class RunFolderLock:
         self.made = not self.out.exists()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = os.open(self.out / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise UserError(f"{self.out / '.lock'} is a symbolic link; the lock must be a file of the run "
+                                "folder's own: remove the link") from None
             raise UserError(f"--out {self.out}: cannot write there ({error.strerror or error}); "
                             "choose a folder you can write") from None
         if fcntl is not None:
@@ -1001,29 +832,56 @@ class RunFolderLock:
         os.close(self.fd)  # closing the descriptor releases the lock; the file stays (removing it would race)
 
 
-CHECKPOINT_KEYS = ("step", "train_seconds", "args", "vae", "vae_opt", "D", "d_opt", "data_gen", "model_gen",
-                   "log_sum", "log_count")  # checkpoints of earlier versions also hold "torch_rng", unused now
+CHECKPOINT_VERSION = 2  # 2: one run a checkpoint, with its factor sizes and machines
+CHECKPOINT_FIELDS = {  # every field of a checkpoint and what it must be
+    "step": int, "train_seconds": (int, float), "args": dict, "vae": dict, "vae_opt": dict, "D": (dict, type(None)),
+    "d_opt": (dict, type(None)), "data_gen": torch.Tensor, "model_gen": torch.Tensor, "log_sum": torch.Tensor,
+    "log_count": int, "torch_threads": list, "machines": list, "factor_sizes": list}
 
 
 def load_checkpoint(path):
-    """A checkpoint holds tensors and plain types only; weights_only=True refuses anything else, so loading a file
-    never runs code from it."""
+    """A checkpoint, verified before use: the zip's CRCs (a damaged byte is refused, not trained or scored on),
+    then torch.load with weights_only=True (tensors and plain types only: loading a file never runs code from
+    it), then every field's type."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file; a checkpoint is the checkpoint.pt this program wrote")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise UserError(f"could not read the checkpoint {path} ({error}); it is not a checkpoint this program "
+                        "wrote") from None
+    if damaged is not None:
+        raise UserError(f"the checkpoint {path} is damaged (its record {damaged} fails its CRC check); nothing was "
+                        "changed. Use an intact copy, or train the run anew")
     try:
         # On the CPU: generator states must stay CPU byte tensors; load_state_dict moves the rest to the device.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: read when used
+        c = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: read when used
     except Exception as error:
         raise UserError(f"could not read the checkpoint {path} ({type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing or not isinstance(checkpoint["args"], dict) or not isinstance(checkpoint["step"], int):
-        raise UserError(f"{path} is not a grouptc checkpoint (missing or wrong: {', '.join(missing) or 'args, step'})")
-    return checkpoint
+    if not isinstance(c, dict):
+        raise UserError(f"{path} is not a grouptc checkpoint (it holds a {type(c).__name__})")
+    if "args" in c and "vae" in c and any(k not in c for k in CHECKPOINT_FIELDS):
+        raise UserError(f"{path} was written by an earlier version of grouptc.py (it lacks "
+                        f"{', '.join(k for k in CHECKPOINT_FIELDS if k not in c)}); continue it with that version")
+    wrong = [k for k, kind in CHECKPOINT_FIELDS.items()
+             if k not in c or not isinstance(c[k], kind) or isinstance(c[k], bool)]
+    if not wrong and (c["step"] < 0 or c["log_count"] < 0 or c["log_sum"].dim() != 1):
+        wrong = ["step" if c["step"] < 0 else "log_count" if c["log_count"] < 0 else "log_sum"]
+    if wrong:
+        raise UserError(f"{path} is not a grouptc checkpoint (missing or wrong: {', '.join(wrong)})")
+    return c
 
 
 def read_config(path):
     """A run folder's config.json: the flags that define its run."""
+    path = Path(path)
     try:
-        saved = json.loads(Path(path).read_text())
+        if not path.is_file():
+            raise OSError(f"{path} is not a regular file")
+        saved = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise UserError(f"could not read {path} ({error}); it should be the config.json this program wrote") from None
     if not isinstance(saved, dict) or "model" not in saved:
@@ -1032,48 +890,50 @@ def read_config(path):
 
 
 def prepare_run(args):
-    """Read what args.out already holds, for a run about to train there (its folder held by this process) -> its
+    """Read what args.out holds, for a run about to train there (its folder held by this process) -> its
     checkpoint (None: from step 0), or False when the run is finished: trained to its --steps and evaluated there.
     The folder's config.json defines its run: --resume continues it from its checkpoint, or restarts it from step 0
-    when it died before its first checkpoint. A sweep's run must be the run its folder's name says."""
+    when it stopped before its first checkpoint."""
     out = Path(args.out)
     ckpt_path, config_path = out / "checkpoint.pt", out / "config.json"
-    check_run_folder(out)
-    checkpoint = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
-    if not args.resume and is_run(out):
-        raise UserError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+    saved = [p.name for p in (config_path, ckpt_path, out / "metrics.json") if p.exists()]
+    if not args.resume:
+        if saved:
+            raise UserError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+        return None
+    if not saved:
+        raise UserError(f"--resume: {out} holds no saved run (no config.json or checkpoint.pt); start the run "
+                        "without --resume")
     for orphan in out.glob(".*.tmp"):  # left by a process killed while writing (this process holds the folder)
         orphan.unlink(missing_ok=True)
-    if checkpoint is not None:
+    if "checkpoint.pt" in saved:
+        checkpoint = load_checkpoint(ckpt_path)
         merge_saved_args(args, checkpoint["args"], ckpt_path)  # the saved --device too, unless typed anew
         check_one_run(args, config_path, ckpt_path)
+        if checkpoint["log_sum"].shape != (len(MODELS[args.model].terms),):
+            raise UserError(f"{ckpt_path} is not a checkpoint of the run in {out} (its running sums have shape "
+                            f"{tuple(checkpoint['log_sum'].shape)}); move the folder away and train the run anew")
         if args.steps < checkpoint["step"]:
             raise UserError(f"--steps {args.steps} is below the {checkpoint['step']:,} steps the run in {out} has "
                             f"trained; give --steps {checkpoint['step']} or more (or leave it out)")
-    elif args.resume and (out / "metrics.json").exists():  # a run's results without its checkpoint: an archive
-        if config_path.exists():
-            merge_saved_args(args, read_config(config_path), config_path)
-            if evaluated_at(out) == args.steps:
-                print(f"{out} is finished ({args.steps:,} steps, evaluated); its checkpoint.pt is not there, so "
-                      "nothing is left to do (--eval-only needs the checkpoint too)", file=sys.stderr)
-                return False
-        raise UserError(f"--resume: {out} holds a run's results (metrics.json) but no checkpoint.pt to continue it "
-                        f"from{f' to {args.steps:,} steps' if config_path.exists() else ''}; put its checkpoint "
-                        "back, or train it anew in another --out (here it would overwrite them)")
-    elif args.resume and config_path.exists():
+        if args.steps == checkpoint["step"] and evaluated_at(out) == args.steps:
+            print(f"{out} is finished ({args.steps:,} steps, evaluated); nothing to do. --eval-only evaluates it "
+                  "again", file=sys.stderr)
+            return False
+        return checkpoint
+    if "config.json" in saved:
         merge_saved_args(args, read_config(config_path), config_path)
-        print(f"{out} has no checkpoint (its run stopped before the first one): restarting the run its config.json "
-              "defines from step 0", file=sys.stderr)
-    else:
-        check_args(args)  # nothing saved: the typed flags alone define the run
-    if getattr(args, "parent", None) is not None and run_name(args) != out.name:
-        raise UserError(f"{out} holds the run {run_name(args)}, not the one its name says; a run's folder in a "
-                        f"sweep is named by its settings: move it out of the way (or rename it {run_name(args)})")
-    if checkpoint is not None and args.steps == checkpoint["step"] and evaluated_at(out) == args.steps:
-        print(f"{out} is finished ({args.steps:,} steps, evaluated); nothing to do. --eval-only evaluates it again",
-              file=sys.stderr)
-        return False
-    return checkpoint
+    if "metrics.json" in saved:  # a run's results without its checkpoint: an archive
+        if "config.json" in saved and evaluated_at(out) == args.steps:
+            print(f"{out} is finished ({args.steps:,} steps, evaluated); its checkpoint.pt is not there, so "
+                  "nothing is left to do (--eval-only needs the checkpoint too)", file=sys.stderr)
+            return False
+        raise UserError(f"--resume: {out} holds a run's results (metrics.json) but no checkpoint.pt to continue it "
+                        f"from{f' to {args.steps:,} steps' if 'config.json' in saved else ''}; put its checkpoint "
+                        "back, or train it anew in another --out (here it would overwrite them)")
+    print(f"{out} has no checkpoint (its run stopped before the first one): restarting the run its config.json "
+          "defines from step 0", file=sys.stderr)
+    return None
 
 
 def check_one_run(args, config_path, ckpt_path):
@@ -1085,35 +945,29 @@ def check_one_run(args, config_path, ckpt_path):
                             "another run: move the folder out of the way")
 
 
-def check_run_folder(out):
-    """A run's folder is a folder of its own: it holds no runs below it and is inside no run."""
-    if below := runs_below(out):
-        raise UserError(f"--out {out} holds runs in folders below it ({below[0]}, ...); a run needs a "
-                        "folder of its own: choose another --out (or --resume it without --model to continue the "
-                        "runs there)")
-    if run_above(out) is not None:
-        raise UserError(f"--out {out} is inside the run folder {run_above(out)}; choose a folder outside it")
-
-
 def evaluated_at(out):
     """The step at which the run in `out` was last evaluated (its metrics.json), or None."""
+    path = Path(out) / "metrics.json"
     try:
-        return json.loads((Path(out) / "metrics.json").read_text())["steps"]
+        steps = json.loads(path.read_text())["steps"] if path.is_file() else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
 def merge_saved_args(args, saved, path):
-    """A resumed or re-evaluated run keeps its saved flags; a run-defining flag typed anew must agree. The saved
-    flags are read by the parser that reads typed ones, and the merged flags pass the same checks."""
+    """A resumed or re-evaluated run keeps its saved flags; a run-defining flag typed anew must agree (and, when
+    training goes on, --eval-samples: scores.csv holds one set of points). The saved flags are read by the parser
+    that reads typed ones, and the merged flags pass the same checks."""
     flags = vars(read_flags(saved, path))
     if not device_available(flags.get("device", "auto")):  # a CUDA run continued where there is none, say
         if "device" not in args.given:
             print(f"{path.parent} was run with --device {flags['device']}, which this machine lacks: using --device "
                   "auto", file=sys.stderr)
         flags["device"] = DEFAULTS["device"]
+    kept = RUN_DEFINING + ("eval_samples",) * (not args.eval_only)
     for key, value in flags.items():
-        if key in args.given and key in RUN_DEFINING and not _same_flag(key, getattr(args, key), value, saved):
+        if key in args.given and key in kept and not _same_flag(key, getattr(args, key), value, saved):
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the run in {path.parent} "
                             f"({value}); leave it out to keep the saved value, or use another --out")
         if key not in args.given:
@@ -1139,7 +993,7 @@ def _same_flag(key, typed, saved_value, saved):
 
 
 def public_args(args):
-    return {k: v for k, v in vars(args).items() if k not in ("given", "sweep", "parent", "discovered")}
+    return {k: v for k, v in vars(args).items() if k != "given"}
 
 
 class CsvLog:
@@ -1148,7 +1002,7 @@ class CsvLog:
 
     def __init__(self, path, columns, step):
         self.path = Path(path)
-        rows = read_log(path) if self.path.exists() and step > 0 else []
+        rows = read_log(path) if self.path.is_file() and step > 0 else []
         rows = [r for r in rows if whole_row(r, columns) and int(r["step"]) <= step]
 
         def write(tmp):
@@ -1161,32 +1015,6 @@ class CsvLog:
     def row(self, values):
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow(values)
-
-
-class RunLog:
-    """A run's log.csv (the mean of each term every --log-every steps), its scores.csv (the scores every
-    --eval-every steps, if asked) and, in a sweep, its own copy of the progress lines (train.log), since the
-    terminal shows the sweep's."""
-
-    def __init__(self, args, names, step, sweep):
-        self.out, self.sweep = Path(args.out), sweep
-        self.terms = CsvLog(self.out / "log.csv", ["step", *names, "ms_per_step"], step)
-        if sweep and step > 0 and (self.out / "train.log").exists():  # a resume: the lines after its step go
-            lines = (self.out / "train.log").read_text().splitlines()
-            kept = [line for line in lines if not (s := re.match(r"step\s+(\d+)/", line)) or int(s[1]) <= step]
-            write_text_atomic(self.out / "train.log", "\n".join(kept + [f"resumed at step {step:,}"]) + "\n")
-        self.scores = CsvLog(self.out / "scores.csv", ["step", *PAPER_METRICS], step) if args.eval_every else None
-
-    def row(self, step, means, ms):
-        self.terms.row([step, *[f"{v:.6g}" for v in means], f"{ms:.2f}"])
-
-    def scores_row(self, step, scores):
-        self.scores.row([step, *[f"{scores[k]:.6g}" for k in PAPER_METRICS]])
-
-    def say(self, line):
-        if self.sweep:
-            with open(self.out / "train.log", "a") as f:
-                f.write(line + "\n")
 
 
 def whole_row(row, columns=None):
@@ -1204,9 +1032,9 @@ def read_log(path):
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM: the first asks the loop to checkpoint after the current step; another, a second or more
-    later, stops at once. (One stop can arrive twice within milliseconds: a batch system's cancel signals both the
-    process and the script that runs it, and run_paper.sh passes its stop on to its runs.)"""
+    """Ctrl-C / SIGTERM: the first asks the work to stop at its next safe point (training: after the current step,
+    with a checkpoint); another, a second or more later, stops at once. (One stop can arrive twice within
+    milliseconds: a batch system's cancel signals both the process and the script that runs it.)"""
 
     def __init__(self):
         self.requested, self.at = False, 0.0
@@ -1217,8 +1045,27 @@ class StopRequest:
                 raise KeyboardInterrupt
             return  # the same stop, twice
         self.requested, self.at = True, time.monotonic()
-        print("\ninterrupt: finishing this step and writing a checkpoint (again, a second or more later, to stop at "
-              "once)", file=sys.stderr)
+        print("\ninterrupt: stopping at the next safe point (again, a second or more later, to stop at once)",
+              file=sys.stderr)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle SIGINT and SIGTERM with this object inside the block (main thread only)."""
+        self.requested = False
+        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def check(self, what):
+        if self.requested:
+            raise StopRun(f"stopped during {what}")
+
+
+STOP = StopRequest()  # requested only while main() has it installed
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1243,7 +1090,7 @@ DATASET_FACTORS = {"dsprites": DSPRITES_FACTORS, "dsprites_procedural": DSPRITES
 DATASET_SIZES = {"dsprites": DSPRITES_SIZES, "dsprites_procedural": DSPRITES_SIZES,
                  "shapes3d": SHAPES3D_SIZES, "shapes3d_procedural": SHAPES3D_SIZES}
 MIN_EVAL_SAMPLES = 100  # fewer points than this in 20 bins make the plug-in MI mostly noise
-MAX_SEED = 2 ** 62  # the generators' seeds are derived from it and must stay within torch's 64 bits
+MAX_SEED = 2 ** 31 - 1  # the CPU generator keeps a seed's low 32 bits; the model's is seed + 1,000,003
 
 DSPRITES_NPZ = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 DSPRITES_HDF5 = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.hdf5"
@@ -1629,14 +1476,15 @@ def resolve_factors(factors, factor_names):
     return indices
 
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments: every hyperparameter in one place, with its meaning and paper default.
 # ----------------------------------------------------------------------------------------------------------------
-# --seed, --beta and --gamma take lists; expand() turns a command line into its runs (a run alone: a list of one).
-# The flags that define what a run is; a resumed or re-evaluated run keeps them from its checkpoint.
+# The flags that define what a run is; a resumed or re-evaluated run keeps them from its folder.
 RUN_DEFINING = ("model", "dataset", "batch_size", "group_size", "beta", "gamma", "tc_level", "content_factors",
                 "latent_dim", "content_dims", "seed", "pairs", "k")
-LIST_FLAGS = ("seed", "beta", "gamma")  # a list of values makes a sweep
+MOVED = {"--summarize": "python compare.py summarize RUNS_DIR",
+         "--metrics": "python compare.py score RUN --metrics dci,sap,modularity,factor_vae"}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -1650,9 +1498,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser(suppress_defaults=False, on_error=None):
     p = argparse.ArgumentParser(
-        prog="grouptc.py", description="group-tcVAE, MLVAE, GVAE, Ada-GVAE and Ada-ML-VAE on paired observations; "
-        "MIG and group-MIG.",
-        formatter_class=_HelpFormatter)
+        prog="grouptc.py", description="Trains one run of group-tcVAE, MLVAE, GVAE, Ada-GVAE or Ada-ML-VAE on "
+        "groups of observations and scores it with MIG and group-MIG. Many runs: run_paper.sh; their comparison: "
+        "compare.py.", formatter_class=_HelpFormatter)
     if on_error is not None:
         p.error = on_error
 
@@ -1684,54 +1532,39 @@ def build_parser(suppress_defaults=False, on_error=None):
     a("--k", type=_k_value, default="rnd",
       help="k-factor pairs: the number of factors resampled, 1 .. (number of factors - 1), or rnd (drawn per pair)")
     a("--group-size", type=int, default=2, help="observations per group (paper: pairs)")
-    a("--beta", type=_values(float), default=None,
+    a("--beta", type=_one(float, "beta"), default=None,
       help="group-tcVAE: weight of TC(z_c, z_\\c), paper grid {10,20,30,40,50,100}, default 10; the others: weight "
-           "of the KL, Locatello's grid {1,2,4,6,8,16}, default 1. A comma-separated list makes a sweep (see --out)")
-    a("--gamma", type=_values(float), default=None,
+           "of the KL, Locatello's grid {1,2,4,6,8,16}, default 1")
+    a("--gamma", type=_one(float, "gamma"), default=None,
       help="group-tcVAE: weight of the KL between the members' shared-group posteriors ('lambda' in the paper's "
-           "grid {1,8,16,32,64}), default 8; unused by the others. A comma-separated list makes a sweep")
+           "grid {1,8,16,32,64}), default 8; unused by the others")
     a("--tc-level", choices=TC_LEVELS, default="inter",
       help="factorisation of q-bar (Sec. 3): inter: q(z_c)q(z_\\c), the paper's objective; inter_intra: q(z_c) "
-           "prod_i q(z_\\c,i); full: prod_i q(z_i) (FactorVAE). Recommended for MIG and group-MIG: inter; in the "
-           "README's 30,000-step CPU study it is ahead of MLVAE and GVAE on MIG on every seed and on group-MIG on "
-           "the mean; full, ahead on MIG at 3,000 steps, is no better on MIG at 30,000 and behind on group-MIG")
+           "prod_i q(z_\\c,i); full: prod_i q(z_i) (FactorVAE)")
     a("--content-factors", default=None,
       help="comma-separated factor names of the content group c (default: shapes3d object_hue,scale,shape, the "
            "paper's Sec. 4.1; dsprites shape,scale,orientation, this project's choice: the paper names no dSprites "
            "split)")
     a("--latent-dim", type=int, default=10, help="latent dims L")
     a("--content-dims", type=int, default=5, help="dims of z_c: the last ones of z (z_\\c are the first L - this)")
-    a("--seed", type=_values(int), default=0,
-      help="seed of the data generator and of the model (init, noise, permutations). A comma-separated list makes a "
-           "sweep")
+    a("--seed", type=_one(int, "seed"), default=0,
+      help="seed of the data generator and of the model (init, noise, permutations)")
     a("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
-    a("--compile", action="store_true", default=False, help="torch.compile the networks")
     a("--eager", action="store_true", default=False,
       help="on CUDA, run every step eagerly instead of replaying it as one captured CUDA graph (for debugging)")
-    a("--out", default=None,
-      help="run folder (default runs/MODEL-DATASET-seedSEED). A sweep (lists in --seed, --beta, --gamma: every "
-           "combination is a run, all trained together in this process) puts each run in a folder of its own under "
-           "--out (default runs/MODEL-DATASET-sweep), named by its settings; a folder holds one run or runs below "
-           "it, never both")
+    a("--out", default=None, help="run folder (default: runs/ and the run's name, which spells out its settings)")
     a("--eval-samples", type=int, default=10_000,
       help="points for MIG / group-MIG (disentanglement_lib: 10,000); 0: every point of the data set")
     a("--resume", action="store_true", default=False,
-      help="continue the run in --out from its checkpoint.pt (starts fresh when there is none). On a folder of runs: "
-           "without --model, continue the unfinished runs below it (typed --seed, --beta, --gamma and run-defining "
-           "flags select among them); with --model, the runs the command names, resumed where they are there")
+      help="continue the run in --out from its checkpoint.pt (its config.json defines the run; --steps may be raised)")
     a("--eval-only", action="store_true", default=False,
       help="no training: evaluate the checkpoint in --out again and rewrite metrics.json and the figures")
-    a("--metrics", type=parse_metrics, default=",".join(CHEAP_METRICS),
-      help="what an evaluation scores: all, or some of mig, group_mig, modularity, sap, dci, factor_vae (MIG and "
-           "group-MIG always), as disentanglement_lib computes them; the default takes seconds on a CPU, factor_vae "
-           "minutes (README: Metrics)")
     a("--eval-every", type=int, default=0,
       help="steps between evaluations during training (MIG, group-MIG on the --eval-samples points of the final "
            "evaluation) into scores.csv and scores.png; 0: only the final evaluation")
     a("--checkpoint-every", type=int, default=5_000, help="steps between checkpoints")
-    a("--log-every", type=int, default=500, help="steps between progress lines and log.csv rows")
-    a("--summarize", metavar="RUNS_DIR", default=None,
-      help="no training: summarise every run under RUNS_DIR into Figures 3(b), 3(c), 4 and results.md")
+    a("--log-every", type=int, default=None,
+      help="steps between progress lines and log.csv rows (default: a tenth of --steps, at most 500)")
     return p
 
 
@@ -1745,34 +1578,45 @@ def _k_value(text):
         raise argparse.ArgumentTypeError(f"expected a whole number or rnd, got '{text}'") from None
 
 
-def _values(kind):
-    """argparse type of --seed, --beta, --gamma: one value, or a comma-separated list of them (a sweep)."""
+def _one(kind, flag):
+    """argparse type of --seed, --beta, --gamma: one value (a list is a grid of runs: run_paper.sh's)."""
     def parse(text):
+        if "," in text:
+            raise argparse.ArgumentTypeError(f"a run has one {flag}, got '{text}'; for several runs, one process "
+                                             f"each, use run_paper.sh")
         try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
+            return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__} values separated by commas, got '{text}'")
-        if not values or len(set(values)) != len(values):
-            raise argparse.ArgumentTypeError(f"expected distinct {kind.__name__} values separated by commas, got "
-                                             f"'{text}'")
-        return values
-    parse.__name__ = f"{kind.__name__} list"
+            raise argparse.ArgumentTypeError(f"expected a{'n' * (kind is int)} {kind.__name__}, got '{text}'") from None
+    parse.__name__ = kind.__name__
     return parse
 
 
 def parse_args(argv=None):
-    """The command line -> its flags (--seed, --beta, --gamma as lists; beta and gamma None when not typed) and
-    args.given, the flags the user typed."""
+    """The command line -> its flags, with the model's default beta and gamma, --log-every and --out filled in,
+    and args.given: the flags the user typed. A bad flag is a UserError."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    for word in argv:
+        if word.split("=")[0] in MOVED:
+            raise UserError(f"{word.split('=')[0]} is compare.py's now: {MOVED[word.split('=')[0]]}")
+
+    def refuse(message):
+        raise UserError(message)
+    args = build_parser(on_error=refuse).parse_args(argv)
+    args.given = set(vars(build_parser(suppress_defaults=True, on_error=refuse).parse_args(argv)))
+    spec = MODELS[args.model]
+    args.beta = spec.beta if args.beta is None else args.beta
+    args.gamma = spec.gamma if args.gamma is None else args.gamma
+    if args.log_every is None:
+        args.log_every = max(1, min(500, args.steps // 10))
+    if args.out is None:
+        args.out = str(Path("runs") / run_name(args))
     return args
 
 
 def read_flags(saved, path):
-    """Flags saved by this program (a config.json, a checkpoint's args) -> a Namespace of those this
-    program knows, read by the same parser as typed flags, so that they pass the same checks. --seed, --beta and
-    --gamma come back as the single value a run holds."""
+    """Flags saved by this program (a config.json, a checkpoint's args) -> a Namespace of those this program knows,
+    read by the parser that reads typed flags, so that they pass the same checks."""
     def refuse(message):
         raise UserError(f"{path} holds a flag this program refuses: {message}")
 
@@ -1780,26 +1624,18 @@ def read_flags(saved, path):
     actions = {a.dest: a for a in parser._actions}
     argv = []
     for key, value in saved.items():
-        if key not in actions or key in ("help", "resume", "eval_only", "out", "summarize") or value is None:
+        if key not in actions or key in ("help", "resume", "eval_only", "out") or value is None:
             continue  # not a run's flag (or one of another version of this program): left out
         flag = actions[key].option_strings[0]
         if isinstance(actions[key], argparse._StoreTrueAction):
             if not isinstance(value, bool):
                 refuse(f"{flag} must be true or false, got {value!r}")
             argv += [flag] * value
-        elif isinstance(value, list) and key in LIST_FLAGS:
-            argv.append(f"{flag}={','.join(map(str, value))}")
         elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
             argv.append(f"{flag}={value}")
         else:
-            refuse(f"{flag} must be a {'list of numbers' if key in LIST_FLAGS else 'number or text'}, got {value!r}")
-    flags = parser.parse_args(argv)
-    for key in LIST_FLAGS:
-        if hasattr(flags, key):
-            if len(getattr(flags, key)) != 1:
-                refuse(f"--{key} must be a single value for one run, got {getattr(flags, key)}")
-            setattr(flags, key, getattr(flags, key)[0])
-    return flags
+            refuse(f"{flag} must be a number or text, got {value!r}")
+    return parser.parse_args(argv)
 
 
 def _exact(x):
@@ -1820,8 +1656,8 @@ def content_names(m):
 
 def run_name(args):
     """A run's identity as a folder name: every flag that defines the run (RUN_DEFINING), exactly, so that no two
-    runs share a name and a run's folder never depends on which process trains it. Batch size, latent dims and
-    content factors appear where they differ from the defaults; k only on k-factor pairs, where it means something."""
+    runs share a name. Batch size, latent dims and content factors appear where they differ from the defaults; k
+    only on k-factor pairs, where it means something."""
     name = (f"{args.model}_{args.dataset}_beta{_exact(args.beta)}_gamma{_exact(args.gamma)}_gs{args.group_size}_"
             f"tc-{args.tc_level}")
     if args.pairs != "groups":
@@ -1833,98 +1669,6 @@ def run_name(args):
     if content_names(args) != DEFAULT_CONTENT[args.dataset]:
         name += "_c-" + "-".join(content_names(args))
     return name + f"_seed{args.seed}"
-
-
-def looks_like_run_name(name):
-    """Whether a folder name is in run_name()'s form (a folder a user named otherwise is not checked by it)."""
-    return re.fullmatch(rf"({'|'.join(MODELS)})_({'|'.join(DATASETS)})_beta[^_]+_gamma[^_]+_gs\d+_tc-.+_seed\d+",
-                        name) is not None
-
-
-def is_run(folder):
-    """A run folder holds the files of one run; any other folder may hold runs below it (a parent)."""
-    return any((Path(folder) / f).exists() for f in ("config.json", "checkpoint.pt", "metrics.json"))
-
-
-def runs_below(folder):
-    """The run folders below `folder` (at any depth, never inside a run), sorted."""
-    found = []
-    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
-        if path.is_dir() and not path.is_symlink():
-            found += [path] if is_run(path) else runs_below(path)
-    return found
-
-
-def run_above(folder):
-    """The run folder that holds `folder` (None: it is inside no run)."""
-    return next((p for p in Path(folder).absolute().parents if is_run(p)), None)
-
-
-def expand(args):
-    """The runs a command line asks for -> a list of their flags, one Namespace per run (a single seed, beta and
-    gamma), each checked. Every combination of the --seed, --beta and --gamma values is a run; more than one makes
-    a sweep, whose runs each go in a folder of its own under --out, named by run_name(). --resume on a folder of
-    runs without --model continues the runs found there (discover()). Sets args.sweep and args.out."""
-    if args.resume and args.out is not None and "model" not in args.given and runs_below(args.out):
-        args.sweep = args.discovered = True
-        return discover(args)
-    spec = MODELS[args.model]
-    args.beta = [spec.beta] if args.beta is None else list(args.beta)
-    args.gamma = [spec.gamma] if args.gamma is None else list(args.gamma)
-    args.seed = list(args.seed) if isinstance(args.seed, list) else [args.seed]
-    combinations = list(itertools.product(args.seed, args.beta, args.gamma))
-    args.sweep = len(combinations) > 1
-    if args.out is None:
-        args.out = f"runs/{args.model}-{args.dataset}-" + ("sweep" if args.sweep else f"seed{args.seed[0]}")
-    members = []
-    for seed, beta, gamma in combinations:
-        m = argparse.Namespace(**vars(args))
-        m.seed, m.beta, m.gamma, m.sweep, m.given = seed, beta, gamma, False, set(args.given)
-        m.parent = args.out if args.sweep else None  # a sweep's run: its folder's name must be its run_name()
-        # checked now, or (a run alone resumed or re-evaluated) once the flags saved in its folder have joined the
-        # typed ones, in prepare_run() or eval_only()
-        members.append(m if (args.resume and not args.sweep) or args.eval_only else check_args(m))
-        if args.sweep:
-            m.out = str(Path(args.out) / run_name(m))
-    if args.sweep and len({m.out for m in members}) < len(members):
-        raise UserError("--seed, --beta and --gamma name some run twice; give distinct values")
-    others = runs_below(args.out) if args.sweep and args.resume else []
-    if others and not any(is_run(m.out) for m in members):
-        raise UserError(f"--resume: none of the {len(members)} runs this command names is in {args.out}, which holds "
-                        f"{len(others)} other runs (such as {others[0].name}); leave out --model to continue those, "
-                        "or leave out --resume to start these")
-    return members
-
-
-def discover(args):
-    """--resume --out PARENT: the runs below PARENT, each with the flags saved in its folder and the flags typed
-    now that do not define a run (--steps, --device, ...). Typed --seed, --beta, --gamma lists and run-defining
-    flags select among them; what selects none is refused."""
-    chosen, found = [], runs_below(args.out)
-    for folder in found:
-        path = next((folder / f for f in ("config.json", "checkpoint.pt") if (folder / f).is_file()), None)
-        if path is None:
-            print(f"{folder}: an evaluated run without its checkpoint or config; nothing to resume", file=sys.stderr)
-            continue
-        # the flags from the small config.json, not the weights (prepare_run() checks that the two describe one run)
-        saved = read_config(path) if path.name == "config.json" else load_checkpoint(path)["args"]
-        flags = read_flags(saved, path)
-        if not all(getattr(flags, k, None) in getattr(args, k) if k in LIST_FLAGS else
-                   _same_flag(k, getattr(args, k), getattr(flags, k, None), saved)
-                   for k in RUN_DEFINING if k in args.given):
-            continue
-        m = argparse.Namespace(**(vars(args) | {k: v for k, v in vars(flags).items() if k not in args.given}))
-        m.seed, m.beta, m.gamma = flags.seed, flags.beta, flags.gamma
-        m.out, m.sweep, m.given = str(folder), False, set(args.given) - set(LIST_FLAGS)
-        m.parent = str(folder.parent) if looks_like_run_name(folder.name) else None
-        chosen.append(m)
-    if not chosen:
-        shown = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
-        typed = ", ".join(f"--{k.replace('_', '-')} {shown(getattr(args, k))}" for k in RUN_DEFINING
-                          if k in args.given)
-        raise UserError(f"--resume: no run below {args.out} has {typed} (it holds {len(found)} runs, such as "
-                        f"{found[0].name}); leave those flags out to continue every run there")
-    return chosen
 
 
 def check_args(args):
@@ -1943,7 +1687,8 @@ def check_args(args):
         raise UserError(f"--eval-samples must be 0 (all points) or {MIN_EVAL_SAMPLES:,} .. {n_points:,} (the points "
                         f"of {args.dataset}; disentanglement_lib: 10,000), got {args.eval_samples:,}")
     if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED:,}, got {args.seed}")
+        raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED:,} (the generators keep 32 bits), got "
+                        f"{args.seed}")
     for flag in ("beta", "gamma"):
         if not 0 <= getattr(args, flag) <= float(np.finfo(np.float32).max):
             raise UserError(f"--{flag} must be a non-negative number a float32 holds (up to 3.4e38), got "
@@ -1994,27 +1739,89 @@ def resolve_device(name):
     return device
 
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # The training loop: the step on the device; the host looks only when logging, evaluating or checkpointing.
 # ----------------------------------------------------------------------------------------------------------------
-def build_runs(members, checkpoints=None, paths=None):
-    """The Runs of these flags (one data set, on one device), each loaded from its checkpoint (None: step 0)."""
-    a = members[0]
-    device = resolve_device(a.device)
-    data = load_dataset(a.dataset, a.data_dir, device, a.allow_subgrid)
-    if a.eval_samples > data.num_points:
-        raise UserError(f"--eval-samples {a.eval_samples:,} is more than the {data.num_points:,} points of "
+def build_run(args, checkpoint=None, path=None):
+    """The Run of these flags on its device, loaded from its checkpoint (None: step 0)."""
+    device = resolve_device(args.device)
+    data = load_dataset(args.dataset, args.data_dir, device, args.allow_subgrid)
+    if all(size == 1 for size in data.factor_sizes):
+        raise UserError(f"{data.name}'s factor grid is a single point (factor sizes {data.factor_sizes}): there is "
+                        "nothing to learn or to score; use a file in which some factor takes several values")
+    if args.eval_samples > data.num_points:
+        raise UserError(f"--eval-samples {args.eval_samples:,} is more than the {data.num_points:,} points of "
                         f"{data.name}; give 0 (every point) or fewer")
-    names = a.content_factors if a.content_factors is not None else data.content_factors
-    content_factors = resolve_factors(names, list(data.factor_names))
-    runs = [Run(m, data, content_factors, device) for m in members]
-    for run, checkpoint, path in zip(runs, checkpoints or [None] * len(runs), paths or [None] * len(runs)):
-        if checkpoint is not None:
-            run.load(checkpoint, path)
-    steps = {r.step for r in runs}
-    if len(steps) != 1:  # they share one step counter (and, stacked, one Adam step count per tensor)
-        raise UserError(f"runs trained together must stand at one step; these stand at {sorted(steps)}")
-    return runs
+    names = args.content_factors if args.content_factors is not None else data.content_factors
+    run = Run(args, data, resolve_factors(names, list(data.factor_names)), device)
+    if checkpoint is not None:
+        run.load(checkpoint, path)
+    return run
+
+
+ACTIVATION_BYTES = 2 * 2 ** 20  # per image of a batch: a generous bound on what a step's activations take
+
+
+def check_memory(args):
+    """A run's memory, estimated from its weights (with their gradients and Adam's two moments, float32) and its
+    activations, against what the device has free: refused before anything is built when it cannot fit."""
+    device = resolve_device(args.device)
+    channels = 3 if args.dataset.startswith("shapes3d") else 1
+    with torch.device("meta"):  # shapes only, no memory
+        nets = [VAE(channels, args.latent_dim)] + [Discriminator(args.latent_dim)] * (args.model == "group_tcvae")
+    need = 16 * sum(p.numel() for n in nets for p in n.parameters()) + \
+        args.batch_size * args.group_size * ACTIVATION_BYTES
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())[1]) * 1024
+        except (OSError, TypeError):
+            return  # unknown here
+    if need > free:
+        raise UserError(f"this run needs about {need / 2 ** 20:,.0f} MiB and {device} has {free / 2 ** 20:,.0f} MiB "
+                        "free; give a smaller --batch-size or --latent-dim")
+
+
+class CudaGraphStep:
+    """CUDA: a step function run eagerly for a few warm-up steps (on a side stream, as CUDA asks: lazy optimiser
+    state, cuBLAS handles), then captured once as a CUDA graph and replayed: one launch instead of hundreds, the
+    same computation. The generators are registered with the graph, so each replay draws fresh numbers."""
+
+    WARMUP = 3
+
+    def __init__(self, step, generators, device):
+        self.step, self.generators, self.device = step, generators, device
+        self.graph, self.warmed, self.failed = None, 0, False
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.values.clone()
+        if self.failed:
+            return self.step()
+        if self.warmed < self.WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                values = self.step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.warmed += 1
+            return values
+        graph = torch.cuda.CUDAGraph()
+        for generator in self.generators:
+            graph.register_generator_state(generator)
+        try:
+            with torch.cuda.graph(graph):
+                self.values = self.step()
+        except RuntimeError as error:  # speed only: the eager step computes the same thing
+            print(f"warning: CUDA graph capture failed ({error}); training continues without it", file=sys.stderr)
+            self.failed = True
+            return self.step()
+        self.graph = graph
+        graph.replay()  # capturing records the step without running it
+        return self.values.clone()
 
 
 def cpu_vendor():
@@ -2029,9 +1836,8 @@ def cpu_vendor():
 
 def machine(device):
     """What a run's sums depend on besides its flags and thread count: the torch build, and the processor's
-    instruction set (on the CPU torch and its convolutions' oneDNN pick their kernels by it; ATEN_CPU_CAPABILITY and
-    ONEDNN_MAX_CPU_ISA cap them, each on its own) and its maker (capped at AVX2, an Intel Xeon's sums still differ from
-    an AMD EPYC's) or the accelerator."""
+    instruction set (torch and oneDNN pick their kernels by it; ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA cap them)
+    and its maker, or the accelerator."""
     if device.type == "cpu":
         onednn = os.environ.get("ONEDNN_MAX_CPU_ISA")
         return (f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()} ({cpu_vendor()})"
@@ -2051,166 +1857,82 @@ def format_seconds(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train(members, checkpoints, sweep=False):
-    """Train a set of runs together (one: an ordinary run, unless sweep says it belongs to one), each into its own
-    folder (held by this process and read by prepare_run(): checkpoints[i] is members[i]'s, None for step 0).
-    Returns (Sweep, the indices of the runs that trained to the end).
-    Writes each run's config.json, log.csv and checkpoint.pt; a run whose loss goes NaN stops alone."""
-    a, S, sweep = members[0], len(members), sweep or len(members) > 1
-    ckpt_paths = [Path(m.out) / "checkpoint.pt" for m in members]
-    runs = Sweep(build_runs(members, checkpoints, ckpt_paths))
-    device, names = runs.runs[0].device, MODELS[a.model].terms
-    log_sum, log_count = torch.zeros(S, len(names), device=device), 0
-    if any(c is not None for c in checkpoints):
-        log_sum = torch.stack([c["log_sum"] for c in checkpoints]).to(device)
-        log_count = checkpoints[0]["log_count"]
-        print(f"resuming {a.out if not sweep else f'{S} run' + 's' * (S > 1)} at step {runs.step:,}", file=sys.stderr)
-    logs, threads = [], torch.get_num_threads()
-    for m, run in zip(members, runs.runs):
-        write_text_atomic(Path(m.out) / "config.json", json.dumps(public_args(m), indent=2) + "\n")
-        logs.append(RunLog(m, names, runs.step, sweep))
-        for saved, now, what in ((run.threads, threads, " torch thread(s)"), (run.machines, machine(device), "")):
-            if saved and saved[-1] != now:
-                print(f"note: {m.out} trained with {saved[-1]}{what} and continues with {now}{what}: the sums "
-                      "depend on it, so from here on it is not the uninterrupted run", file=sys.stderr)
-            saved += [now] if saved[-1:] != [now] else []  # each change, in order
-    alive = list(range(S))
+def train(args, checkpoint=None):
+    """Train the run of `args` into its folder (held by this process and read by prepare_run(): `checkpoint` is
+    its checkpoint, None for step 0) -> the Run at --steps. Writes config.json, log.csv, scores.csv (--eval-every)
+    and checkpoint.pt. A stop (STOP) ends it after the current step with a checkpoint: StopRun."""
+    out, names = Path(args.out), MODELS[args.model].terms
+    ckpt_path = out / "checkpoint.pt"
+    run = build_run(args, checkpoint, ckpt_path)
+    device = run.device
+    log_sum, log_count = torch.zeros(len(names), device=device), 0
+    if checkpoint is not None:
+        log_sum, log_count = checkpoint["log_sum"].to(device), checkpoint["log_count"]
+        print(f"resuming {out} at step {run.step:,}", file=sys.stderr)
+    write_text_atomic(out / "config.json", json.dumps(public_args(args), indent=2) + "\n")
+    log = CsvLog(out / "log.csv", ["step", *names, "ms_per_step"], run.step)
+    scores = CsvLog(out / "scores.csv", ["step", *PAPER_SCORES], run.step) if args.eval_every else None
+    for saved, now, what in ((run.threads, torch.get_num_threads(), " torch thread(s)"), (run.machines,
+                                                                                         machine(device), "")):
+        if saved and saved[-1] != now:
+            print(f"note: {out} trained with {saved[-1]}{what} and continues with {now}{what}: the sums depend on "
+                  "it, so from here on it is not the uninterrupted run", file=sys.stderr)
+        saved += [now] if saved[-1:] != [now] else []  # each change, in order
 
-    stop = StopRequest()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    listed = lambda key: ",".join(f"{v:g}" for v in sorted({getattr(m, key) for m in members}))  # noqa: E731
-    flags = ["seed"] * sweep + ["beta"] + ["gamma"] * (a.model == "group_tcvae")
-    print(f"training {a.model} on {runs.runs[0].data.name} ({device}): {S} run{'s' * (S > 1)} of {a.steps:,} steps of "
-          f"{a.batch_size} groups of {a.group_size}, " + ", ".join(f"{k} {listed(k)}" for k in flags)
-          + (f", TC level {a.tc_level}" if a.model == "group_tcvae" else "")
-          + (f", {a.pairs} pairs (k {a.k})" if a.pairs != "groups" else ""), file=sys.stderr)
-    last_step, last_time = runs.step, time.perf_counter()
-    first = runs.step + 1
-    try:
-        while runs.step < a.steps and not stop.requested and alive:
-            log_sum += runs.train_step()
-            log_count += 1
-            step = runs.step
-            at_log, at_ckpt = step % a.log_every == 0 or step == a.steps, step % a.checkpoint_every == 0
-            at_eval = a.eval_every and step % a.eval_every == 0
-            if not (at_log or at_ckpt or at_eval or step == first):
-                continue
-            means = (log_sum / max(log_count, 1)).tolist()  # the one host sync, every log / checkpoint / eval step
-            now = time.perf_counter()
-            for k in alive:  # in a sweep, each run counts its share of the time
-                runs.runs[k].train_seconds += (now - last_time) / len(alive)
-            for k in list(alive):
-                if all(math.isfinite(v) for v in means[k]):
-                    continue
-                message = (f"the loss became NaN or infinite between steps {last_step:,} and {step:,} "
-                           f"({dict(zip(names, means[k]))}); stopped. The last good checkpoint is kept at "
-                           f"{ckpt_paths[k] if ckpt_paths[k].exists() else '(none written yet)'}")
-                if not sweep:
-                    raise UserError(message)
-                logs[k].say(message)
-                print(f"{members[k].out}: {message}; the other runs go on", file=sys.stderr)
-                alive.remove(k)
-            ms = 1000 * (now - last_time) / max(step - last_step, 1)
-            if step == first and not at_log and alive:  # a first sign of life, well before the first --log-every
-                print(progress_line(step, a.steps, names if not sweep else [f"{len(alive)}/{S} runs, loss (run 1)"],
-                                    means[alive[0]] if not sweep else means[alive[0]][:1], ms)
-                      + "  (first step: includes start-up)", file=sys.stderr)
-            if at_log:
-                for k in alive:
-                    logs[k].row(step, means[k], ms)
-                    logs[k].say(progress_line(step, a.steps, names, means[k], ms))
-                if not sweep:
-                    print(progress_line(step, a.steps, names, means[0], ms), file=sys.stderr)
-                elif alive:
-                    loss = np.array([means[k][0] for k in alive])
-                    print(progress_line(step, a.steps, [f"{len(alive)}/{S} runs, loss min", "median", "max"],
-                                        [loss.min(), np.median(loss), loss.max()], ms), file=sys.stderr)
-                log_sum, log_count = torch.zeros_like(log_sum), 0
-            if at_ckpt or step == a.steps:
-                for k in alive:
-                    runs.save(k, ckpt_paths[k], log_sum[k], log_count)
-            if at_eval:  # scores over training, on each run's final evaluation's points (not counted as training)
-                for k in alive:
-                    r = runs.runs[k]
-                    scores = evaluate(r.vae, r.data, r.content_factors, a.content_dims, a.eval_samples, r.args.seed)
-                    logs[k].scores_row(step, scores[0])
-            last_step, last_time = step, time.perf_counter()
-        for k in alive:
-            runs.runs[k].train_seconds += (time.perf_counter() - last_time) / max(len(alive), 1)
-        if stop.requested:
-            for k in alive:
-                if torch.isfinite(log_sum[k]).all():
-                    runs.save(k, ckpt_paths[k], log_sum[k], log_count)
-            where = a.out if not sweep else Path(a.out).parent
-            print(f"stopped at step {runs.step:,}; checkpoint{'s' if sweep else ''} written. Continue with: "
-                  f"python grouptc.py --resume --out {where}", file=sys.stderr)
-            raise SystemExit(130)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return runs, alive
+    def sampled_step():  # one step on a fresh batch -> its terms, stacked in `names` order
+        classes, shares = run.sample()
+        terms = train_step(run.vae, run.D, run.vae_opt, run.d_opt, run.images(classes), shares, **run.hyper)
+        return torch.stack([terms[n] for n in names])
+    graph = CudaGraphStep(sampled_step, [run.data_gen, run.model_gen], device) \
+        if device.type == "cuda" and not args.eager else None
 
-
-ACTIVATION_BYTES = 2 * 2 ** 20  # per image of a batch: a generous bound on what a step's activations take
-
-
-def available_memory(device):
-    """Bytes free on `device` for new tensors (the CPU: MemAvailable), or None where unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-        return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo)[1]) * 1024
-    except (OSError, TypeError):
-        return None
-
-
-def check_memory(members):
-    """A sweep's memory, estimated from its weights (and their gradients and Adam's two moments, float32) and its
-    activations, against what the device has free: refused before anything is written when it cannot fit."""
-    a, device = members[0], resolve_device(members[0].device)
-    channels = 3 if a.dataset.startswith("shapes3d") else 1
-    with torch.device("meta"):  # shapes only, no memory
-        nets = [VAE(channels, a.latent_dim)] + [Discriminator(a.latent_dim)] * (a.model == "group_tcvae")
-    per_run = 16 * sum(p.numel() for n in nets for p in n.parameters()) + \
-        a.batch_size * a.group_size * ACTIVATION_BYTES
-    free = available_memory(device)
-    if free is not None and len(members) * per_run > free:
-        raise UserError(f"{len(members)} runs trained together need about {len(members) * per_run / 2 ** 20:,.0f} "
-                        f"MiB ({per_run / 2 ** 20:,.0f} MiB a run) and {device} has {free / 2 ** 20:,.0f} MiB free: "
-                        f"about {free // per_run} would fit; give fewer --seed, --beta, --gamma values at a time")
-
-
-def train_sweep(args, members):
-    """A sweep: its runs trained together, then each evaluated into its own folder, each a run in its own right
-    (--resume, --eval-only, --summarize work on it alone), named by its settings under the sweep's --out. Runs that
-    differ in more than seed, beta and gamma, or stand at different steps (one was resumed alone, say), train in
-    turn, each set together. Returns the exit status: 2 if a run's loss went NaN."""
-    out = Path(args.out)
-    if is_run(out) or run_above(out) is not None:
-        raise UserError(f"--out {out} is a run's folder{' or inside one' if not is_run(out) else ''}; a sweep puts "
-                        "its runs in folders of their own under --out: choose a folder that holds no run")
-    with contextlib.ExitStack() as held:
-        for m in members:
-            held.enter_context(RunFolderLock(m.out))
-        prepared = [(m, prepare_run(m)) for m in members]
-        together = {}  # runs that agree on every other flag and stand at one step train as one set
-        for m, checkpoint in prepared:
-            if checkpoint is not False:
-                shape = {k: v for k, v in public_args(m).items() if k not in (*LIST_FLAGS, "out")}
-                key = (checkpoint["step"] if checkpoint else 0, json.dumps(shape, sort_keys=True, default=str))
-                together.setdefault(key, []).append((m, checkpoint))
-        failed = 0
-        for key in sorted(together):
-            check_memory([m for m, _ in together[key]])
-            runs, alive = train(*map(list, zip(*together[key])), sweep=True)
-            failed += len(runs) - len(alive)
-            for k in alive:
-                evaluate_and_plot(runs.runs[k], runs.runs[k].args.out, runs.runs[k].args.eval_samples)
-    if failed:
-        print(f"{failed} of {len(members)} runs stopped on a NaN or infinite loss (see their train.log)",
-              file=sys.stderr)
-    return 2 if failed else 0
+    print(f"training {args.model} on {run.data.name} ({device}): {args.steps:,} steps of {args.batch_size} groups "
+          f"of {args.group_size}, beta {args.beta:g}" + (f", gamma {args.gamma:g}, TC level {args.tc_level}"
+                                                          if args.model == "group_tcvae" else "")
+          + (f", {args.pairs} pairs (k {args.k})" if args.pairs != "groups" else ""), file=sys.stderr)
+    first, last_step, last_time = run.step + 1, run.step, time.perf_counter()
+    while run.step < args.steps and not STOP.requested:
+        if graph is None:  # the loop -> train_step() -> group_objective()
+            classes, shares = run.sample()
+            terms = train_step(run.vae, run.D, run.vae_opt, run.d_opt, run.images(classes), shares, **run.hyper)
+            log_sum += torch.stack([terms[n] for n in names])
+        else:  # the same step, replayed from its CUDA graph
+            log_sum += graph()
+        log_count += 1
+        run.step += 1
+        step = run.step
+        at_log, at_ckpt = step % args.log_every == 0 or step == args.steps, step % args.checkpoint_every == 0
+        at_eval = args.eval_every and step % args.eval_every == 0
+        if not (at_log or at_ckpt or at_eval or step == first):
+            continue
+        means = (log_sum / max(log_count, 1)).tolist()  # the one host sync, every log / checkpoint / eval step
+        now = time.perf_counter()
+        run.train_seconds += now - last_time
+        if not all(math.isfinite(v) for v in means):
+            raise UserError(f"the loss became NaN or infinite between steps {last_step:,} and {step:,} "
+                            f"({dict(zip(names, means))}); stopped. The last good checkpoint is kept at "
+                            f"{ckpt_path if ckpt_path.exists() else '(none written yet)'}")
+        ms = 1000 * (now - last_time) / max(step - last_step, 1)
+        if step == first and not at_log:  # a first sign of life, well before the first --log-every
+            print(progress_line(step, args.steps, names, means, ms) + "  (first step: includes start-up)",
+                  file=sys.stderr)
+        if at_log:
+            log.row([step, *[f"{v:.6g}" for v in means], f"{ms:.2f}"])
+            print(progress_line(step, args.steps, names, means, ms), file=sys.stderr)
+            log_sum, log_count = torch.zeros_like(log_sum), 0
+        if at_ckpt or step == args.steps:
+            run.save(ckpt_path, log_sum, log_count)
+        if at_eval:  # scores over training, on the final evaluation's points (not counted as training)
+            s = evaluate(run.vae, run.data, run.content_factors, args.content_dims, args.eval_samples, args.seed)[0]
+            scores.row([step, *[f"{s[k]:.6g}" for k in PAPER_SCORES]])
+        last_step, last_time = step, time.perf_counter()
+    run.train_seconds += time.perf_counter() - last_time
+    if STOP.requested and run.step < args.steps:
+        if torch.isfinite(log_sum).all():
+            run.save(ckpt_path, log_sum, log_count)
+        raise StopRun(f"stopped at step {run.step:,}; checkpoint written. Continue with: python grouptc.py --resume "
+                      f"--out {out}")
+    return run
 
 
 def eval_only(args):
@@ -2219,485 +1941,8 @@ def eval_only(args):
     checkpoint = load_checkpoint(path)
     merge_saved_args(args, checkpoint["args"], path)
     check_one_run(args, Path(args.out) / "config.json", path)
-    run, = build_runs([args], [checkpoint], [path])
-    return evaluate_and_plot(run, args.out, args.eval_samples)
+    return evaluate_and_plot(build_run(args, checkpoint, path), args.out, args.eval_samples)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# The field's other scores, as disentanglement_lib computes them: DCI, SAP, modularity, the FactorVAE score.
-# ----------------------------------------------------------------------------------------------------------------
-# Not the paper's (it reports MIG and group-MIG); here so that a run's numbers stand beside the field's (Locatello et
-# al. 2020 report all of them). Layout as mig(): codes (N, L) encoder means, factors (N, K) integer classes; DCI and
-# SAP are fitted on one draw of points and scored on another (DL: 10,000 and 5,000), not on a split.
-_KERNELS = []  # the Numba kernels below: plain Python until _compile_kernels() compiles them
-
-
-def _numba(f):
-    _KERNELS.append(f.__name__)
-    return f
-
-
-def _compile_kernels():
-    """numba.njit every kernel marked @_numba, once (cached on disk), in place of its Python definition; kept out
-    of `import grouptc`, which stays fast."""
-    if _KERNELS:
-        import numba
-        for name in _KERNELS:
-            globals()[name] = numba.njit(cache=True, nogil=True)(globals()[name])
-        _KERNELS.clear()
-
-
-_EPS = np.finfo(np.float64).eps
-_TIE = np.float32(1e-7)  # sklearn's FEATURE_THRESHOLD: values closer than this (in float32 arithmetic) are one value
-
-
-@_numba
-def _best_splits(idx, v, g, b, e, total, inv, top, top_at, top_sl, sl):
-    """Best squared-error split, per feature j, of a node whose samples idx[j, 2p] (p in b..e-1) are sorted by their
-    values v[j, 2p + 1] (the int32 and float32 views of the packed words, see _fit_tree): the maximum of sklearn's
-    proxy sum_l^2 / n_l + sum_r^2 / n_r over the positions p between two values more than 1e-7 apart (in float32,
-    as sklearn); the first maximum wins. -> top[j] (-inf: no candidate), top_at[j] = p, top_sl[j] = sum_l;
-    sl: scratch. All the features in one sweep: their running sums are independent chains, run in parallel."""
-    L = idx.shape[0]
-    for j in range(L):
-        top[j], top_at[j], top_sl[j], sl[j] = -np.inf, -1, 0.0, g[idx[j, 2 * b]]
-    for p in range(b + 1, e):
-        il, ir = inv[p - b], inv[e - p]
-        for j in range(L):
-            s = sl[j]
-            proxy = s * s * il + (total - s) * (total - s) * ir
-            better = (v[j, 2 * p + 1] > v[j, 2 * p - 1] + _TIE) & (proxy > top[j])  # selects, not branches
-            top[j] = proxy if better else top[j]
-            top_at[j] = p if better else top_at[j]
-            top_sl[j] = s if better else top_sl[j]
-            sl[j] = s + g[idx[j, 2 * p]]
-
-
-@_numba
-def _partition(words, idx, out, left, b, e, r):
-    """Stable partition of the packed words[b:e] (sample idx[2p]) into out[b:r] (samples with left[s]) and out[r:e]."""
-    l = b
-    for p in range(b, e):
-        go = left[idx[2 * p]]
-        q = r + (l - r) * go  # arithmetic, not a branch: the direction is unpredictable
-        out[q] = words[p]
-        l += go
-        r += 1 - go
-
-
-@_numba
-def _fit_tree(x, words, g, h, leaf_scale, max_depth, feat, thr, val, imp, node, work, left, inv):
-    """Grow one regression tree of depth <= max_depth on the negative gradient g as sklearn's
-    DecisionTreeRegressor(splitter="best", criterion="squared_error") does: exact greedy splits, thresholds at
-    midpoints between sorted values more than 1e-7 apart, no split of a node with < 2 samples or variance <= eps.
-    Nodes in heap order (children of n: 2n+1, 2n+2). x (N, L) float32; words (L, N) int64: per feature, the samples
-    sorted by it, each an 8-byte word holding the sample's index (int32 view, even slots) and value (float32 view,
-    odd slots); one sort serves every tree. Leaf value = leaf_scale * sum(g) / sum(h), h = p (1 - p): sklearn's
-    Newton step. Fills feat (-1: leaf), thr, val; adds each split's impurity decrease to imp; node <- each sample's
-    leaf. work (2, L, N) int64, left (N,) uint8: scratch; inv[n] = 1 / n.
-    Each node's samples stay sorted by every feature in one contiguous segment (stable partitions down the tree),
-    so a level costs one sweep and one partition: O(N L)."""
-    N, L = x.shape
-    n_nodes = feat.shape[0]
-    cnt, tot, mean, ss = np.zeros(n_nodes, np.int64), np.zeros(n_nodes), np.zeros(n_nodes), np.zeros(n_nodes)
-    begin = np.zeros(n_nodes, np.int64)  # node n's segment: begin[n] .. begin[n] + cnt[n]
-    top, top_at, top_sl, sl = np.empty(L), np.empty(L, np.int64), np.empty(L), np.empty(L)
-    feat[:] = -1
-    node[:] = 0
-    cnt[0], tot[0] = N, g.sum()
-    mean[0] = tot[0] / N
-    for s in range(N):
-        ss[0] += (g[s] - mean[0]) ** 2
-    for depth in range(max_depth):
-        lo, hi = 2 ** depth - 1, 2 ** (depth + 1) - 1  # the node ids of this depth
-        src = words if depth == 0 else work[depth % 2]
-        src_i, src_v = src.view(np.int32), src.view(np.float32)
-        split = False
-        for n in range(lo, hi):
-            if cnt[n] < 2 or ss[n] / cnt[n] <= _EPS:  # sklearn: min_samples_split 2; impurity <= eps: a leaf
-                continue
-            b, e = begin[n], begin[n] + cnt[n]
-            _best_splits(src_i, src_v, g, b, e, tot[n], inv, top, top_at, top_sl, sl)
-            # sklearn visits the features in a random order and keeps the first best: exact ties (duplicated codes)
-            # go to a random one of the tied features. Emulated by ranking the features at random.
-            rank = np.random.permutation(L)
-            j = -1
-            for i in range(L):
-                if top_at[i] >= 0 and (j < 0 or top[i] > top[j] or (top[i] == top[j] and rank[i] < rank[j])):
-                    j = i
-            if j < 0:
-                continue  # every feature constant in the node
-            gain = top[j] - tot[n] * tot[n] / cnt[n]  # = n imp - n_l imp_l - n_r imp_r
-            if gain / N + _EPS < 0.0:  # sklearn's min_impurity_decrease = 0 test
-                continue
-            p = top_at[j]
-            lv, rv = np.float64(src_v[j, 2 * p - 1]), np.float64(src_v[j, 2 * p + 1])
-            t = lv / 2.0 + rv / 2.0  # sklearn's midpoint of two float32 values, in float64
-            feat[n], thr[n] = j, t if t != rv else lv
-            imp[j] += gain
-            a, c = 2 * n + 1, 2 * n + 2
-            begin[a], cnt[a], tot[a] = b, p - b, top_sl[j]
-            begin[c], cnt[c], tot[c] = p, e - p, tot[n] - top_sl[j]
-            mean[a], mean[c] = tot[a] / cnt[a], tot[c] / cnt[c]
-            split = True
-        if not split:
-            break
-        for s in range(N):  # move the samples to the children; the children's sums of squares
-            n = node[s]
-            if n >= lo and feat[n] >= 0:
-                left[s] = x[s, feat[n]] <= thr[n]
-                node[s] = 2 * n + 2 - left[s]
-                ss[node[s]] += (g[s] - mean[node[s]]) ** 2
-        if depth + 1 < max_depth:  # stable partition of each split node's segment, every feature
-            dst = work[(depth + 1) % 2]
-            for j in range(L):
-                for n in range(lo, hi):
-                    if feat[n] >= 0:
-                        _partition(src[j], src_i[j], dst[j], left, begin[n], begin[n] + cnt[n], begin[2 * n + 2])
-    num, den = np.zeros(n_nodes), np.zeros(n_nodes)
-    for s in range(N):
-        num[node[s]] += g[s]
-        den[node[s]] += h[s]
-    for n in range(n_nodes):  # sklearn's _safe_divide: 0 when the mean hessian is below 1e-150
-        val[n] = leaf_scale * num[n] / den[n] if cnt[n] > 0 and abs(den[n] / cnt[n]) >= 1e-150 else 0.0
-
-
-@_numba
-def _apply(x, feat, thr, val, out, scale):
-    """out[s] += scale * the value of the leaf (of one heap-ordered tree) that x[s] falls in."""
-    for s in range(x.shape[0]):
-        n = 0
-        while feat[n] >= 0:
-            n = 2 * n + 1 if x[s, feat[n]] <= thr[n] else 2 * n + 2
-        out[s] += scale * val[n]
-
-
-@_numba
-def _gbt(x, words, y, n_classes, x_test, seed, n_stages, learning_rate, max_depth):
-    """GradientBoostingClassifier() with log-loss. Init: the log prior odds (2 classes: one tree a stage, on the
-    logit) or the log priors minus their mean (K > 2: per stage one tree per class, all on the softmax gradients of
-    the stage's start; leaf values times (K - 1) / K). -> (L,) summed impurity decreases; (T, N) train and (T, M)
-    test raw predictions, T = 1 or K."""
-    np.random.seed(seed)
-    N, L = x.shape
-    T = 1 if n_classes == 2 else n_classes
-    n_nodes = 2 ** (max_depth + 1) - 1
-    prior = np.zeros(n_classes)
-    for s in range(N):
-        prior[y[s]] += 1.0
-    prior = np.minimum(np.maximum(prior / N, _EPS), 1 - _EPS)  # sklearn clips the prior to [eps, 1 - eps]
-    raw, raw_test = np.empty((T, N)), np.empty((T, x_test.shape[0]))
-    for k in range(T):
-        raw[k] = math.log(prior[1] / (1 - prior[1])) if T == 1 else math.log(prior[k]) - np.log(prior).mean()
-        raw_test[k] = raw[k, 0]
-    imp = np.zeros(L)
-    feat, thr, val = np.empty(n_nodes, np.int64), np.empty(n_nodes), np.empty(n_nodes)
-    node, left = np.empty(N, np.int64), np.empty(N, np.uint8)
-    work = np.empty((2, L, N), np.int64)
-    g, h, z = np.empty((T, N)), np.empty((T, N)), np.empty(T)
-    inv = np.ones(N + 1)
-    inv[1:] = 1.0 / np.arange(1, N + 1)  # sklearn divides by n; times 1 / n is faster (can differ in the last bit)
-    for stage in range(n_stages):
-        for s in range(N):  # negative gradients y_k - p_k at the stage's start; h = p_k (1 - p_k)
-            if T == 1:
-                p = 1.0 / (1.0 + math.exp(-raw[0, s]))
-                g[0, s], h[0, s] = (y[s] == 1) - p, p * (1 - p)
-            else:
-                m = raw[:, s].max()
-                for k in range(T):
-                    z[k] = math.exp(raw[k, s] - m)
-                total = z.sum()
-                for k in range(T):
-                    g[k, s], h[k, s] = (y[s] == k) - z[k] / total, z[k] / total * (1 - z[k] / total)
-        for k in range(T):
-            _fit_tree(x, words, g[k], h[k], (T - 1) / T if T > 1 else 1.0, max_depth, feat, thr, val, imp, node,
-                      work, left, inv)
-            for s in range(N):
-                raw[k, s] += learning_rate * val[node[s]]
-            _apply(x_test, feat, thr, val, raw_test[k], learning_rate)
-    return imp, raw, raw_test
-
-
-def sorted_words(x):
-    """x (N, L) float32 -> (L, N) int64: per feature, the samples sorted by it, each as one word packing the sample's
-    index (the int32 view's even slots) and its value (the float32 view's odd slots)."""
-    order = np.argsort(x, axis=0, kind="stable").T
-    words = np.empty(order.shape, np.int64)
-    words.view(np.int32)[:, 0::2] = order
-    words.view(np.float32)[:, 1::2] = np.take_along_axis(x.T, order, 1)
-    return words
-
-
-def gbt_classifier(codes, labels, test_codes, seed=0, n_stages=100, learning_rate=0.1, max_depth=3, words=None):
-    """Fit sklearn's GradientBoostingClassifier() (defaults: 100 stages, depth 3, rate 0.1, log-loss, subsample 1,
-    min_samples_split 2, min_samples_leaf 1; friedman_mse picks the same splits as squared error, which sklearn
-    1.9.1 uses) on codes (N, L) and labels (N,) in 0..C-1 (C >= 2, all present). Codes are rounded to float32 as
-    sklearn does. seed only breaks exact ties between features (sklearn: random_state).
-    feature_importances_ = the trees' summed impurity decreases, normalised to sum 1 (sklearn averages the trees'
-    unnormalised importances, then normalises: the same).
-    words: sorted_words() of the float32 codes, when the caller fits several classifiers on them.
-    -> (feature_importances_ (L,), train predictions (N,), test predictions (M,)), predictions as label indices."""
-    _compile_kernels()
-    x = np.ascontiguousarray(codes, dtype=np.float32)
-    words = sorted_words(x) if words is None else words
-    imp, raw, raw_test = _gbt(x, words, np.ascontiguousarray(labels, dtype=np.int64), int(labels.max()) + 1,
-                              np.ascontiguousarray(test_codes, dtype=np.float32), seed, n_stages, learning_rate,
-                              max_depth)
-
-    def predict(r):  # sklearn: class 1 when raw >= 0 (binary), else argmax
-        return (r[0] >= 0).astype(np.int64) if len(r) == 1 else r.argmax(0)
-    return (imp / imp.sum() if imp.sum() > 0 else imp), predict(raw), predict(raw_test)
-
-
-def _entropy(p, base):
-    """scipy.stats.entropy(p, base=base) along axis 0 (p normalised first)."""
-    p = p / p.sum(0)
-    return -(p * np.log(p)).sum(0) / math.log(base)
-
-
-def dci_from_importance(R):
-    """DL's disentanglement and completeness of an (L codes, K factors) importance matrix: 1e-11 added, entropies in
-    base K (per code) and base L (per factor), weighted by the code's / factor's share of R (uniform if R = 0)."""
-    L, K = R.shape
-    W = R if R.sum() > 0 else np.ones_like(R)
-    per_code = 1 - _entropy(R.T + 1e-11, K)
-    per_factor = 1 - _entropy(R + 1e-11, L)
-    return float(per_code @ (W.sum(1) / W.sum())), float(per_factor @ (W.sum(0) / W.sum()))
-
-
-def _classes(train, test):
-    """train (N,) and test (M,) values -> the sorted train classes' labels 0..C-1, and the test labels (-1 where
-    a value is not a train class)."""
-    classes, y = np.unique(train, return_inverse=True)
-    i = np.minimum(np.searchsorted(classes, test), len(classes) - 1)
-    return len(classes), y.reshape(-1), np.where(classes[i] == test, i, -1)
-
-
-def dci(codes, factors, test_codes, test_factors, seed=0):
-    """DL's DCI (Eastwood & Williams 2018 with gradient-boosted trees): per factor, GradientBoostingClassifier() on
-    (codes, factor); R[:, k] = its feature_importances_; disentanglement and completeness of R as
-    dci_from_importance; informativeness_train / _test = mean over factors of the classification accuracy.
-    A factor with a single train class (sklearn refuses it) gets R[:, k] = 0 and the constant prediction. The
-    factors are fitted in parallel on torch's thread count (the kernels release the GIL)."""
-    codes, test_codes = np.asarray(codes, np.float64), np.asarray(test_codes, np.float64)
-    L, K = codes.shape[1], factors.shape[1]
-    _compile_kernels()
-    words = sorted_words(codes.astype(np.float32))  # one sort of the codes serves every factor's trees
-
-    def fit(k):
-        C, y, y_test = _classes(factors[:, k], test_factors[:, k])
-        if C < 2:
-            r, p, p_test = np.zeros(L), np.zeros(len(y), np.int64), np.zeros(len(y_test), np.int64)
-        else:
-            r, p, p_test = gbt_classifier(codes, y, test_codes, seed + k, words=words)
-        return r, np.mean(p == y), np.mean(p_test == y_test)
-    order = sorted(range(K), key=lambda k: -len(np.unique(factors[:, k])))  # the costliest first
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(K, torch.get_num_threads()))) as pool:
-        fits = dict(zip(order, pool.map(fit, order)))
-    R = np.stack([fits[k][0] for k in range(K)], 1)
-    d, c = dci_from_importance(R)
-    return {"disentanglement": d, "completeness": c,
-            "informativeness_train": float(np.mean([fits[k][1] for k in range(K)])),
-            "informativeness_test": float(np.mean([fits[k][2] for k in range(K)])), "importance_matrix": R}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# SAP: sklearn's LinearSVC(C=0.01, class_weight="balanced") on each single code, solved exactly
-# ---------------------------------------------------------------------------------------------------------------
-
-@_numba
-def _l2svm(x, t, c):
-    """argmin over (a, b) of 0.5 (a^2 + b^2) + sum_n c_n max(0, 1 - t_n (a x_n + b))^2, t = +-1: liblinear's
-    L2-regularised squared-hinge SVM with the intercept as a regularised constant feature. Newton steps with
-    backtracking; stops once a full step keeps the set of margin violators, where the piecewise-quadratic objective
-    is exactly minimised."""
-    N = len(x)
-    a, b = 0.0, 0.0
-    active, prev = np.zeros(N, np.bool_), np.ones(N, np.bool_)
-    full = False
-    for it in range(100):
-        ga, gb, haa, hab, hbb, f0 = a, b, 1.0, 0.0, 1.0, 0.5 * (a * a + b * b)
-        same = True
-        for n in range(N):
-            r = 1.0 - t[n] * (a * x[n] + b)
-            active[n] = r > 0
-            same &= active[n] == prev[n]
-            if r > 0:
-                f0 += c[n] * r * r
-                w = 2.0 * c[n] * r * t[n]
-                ga -= w * x[n]
-                gb -= w
-                haa += 2.0 * c[n] * x[n] * x[n]
-                hab += 2.0 * c[n] * x[n]
-                hbb += 2.0 * c[n]
-        if (full and same) or (ga == 0.0 and gb == 0.0):
-            break
-        prev[:] = active
-        det = haa * hbb - hab * hab
-        da, db = -(hbb * ga - hab * gb) / det, -(haa * gb - hab * ga) / det
-        step, slope = 1.0, ga * da + gb * db
-        while step > 1e-10:  # Armijo backtracking
-            a1, b1 = a + step * da, b + step * db
-            f1 = 0.5 * (a1 * a1 + b1 * b1)
-            for n in range(N):
-                r = 1.0 - t[n] * (a1 * x[n] + b1)
-                if r > 0:
-                    f1 += c[n] * r * r
-            if f1 <= f0 + 1e-4 * step * slope:
-                break
-            step *= 0.5
-        a, b = a + step * da, b + step * db
-        full = step == 1.0
-    return a, b
-
-
-@_numba
-def _linear_svc(x, y, n_classes, C):
-    """LinearSVC(C, class_weight="balanced") on 1-D x, labels y in 0..n_classes-1 -> (coef (n), intercept (n)),
-    n = 1 for two classes. Balanced weights w_c = N / (n_classes N_c). Two classes: one problem, class 1 positive,
-    each sample's weight C w_y. More: liblinear's one-vs-rest, the positives (class c) C w_c, the negatives plain C."""
-    N = len(x)
-    counts = np.zeros(n_classes)
-    for n in range(N):
-        counts[y[n]] += 1
-    w = N / (n_classes * counts)
-    T = 1 if n_classes == 2 else n_classes
-    coef, intercept = np.empty(T), np.empty(T)
-    t, c = np.empty(N), np.empty(N)
-    for k in range(T):
-        pos = 1 if T == 1 else k
-        for n in range(N):
-            t[n] = 1.0 if y[n] == pos else -1.0
-            c[n] = C * w[y[n]] if (T == 1 or y[n] == pos) else C
-        coef[k], intercept[k] = _l2svm(x, t, c)
-    return coef, intercept
-
-
-def linear_svc_1d(x, y, n_classes, C=0.01):
-    """(coef_, intercept_) of sklearn's LinearSVC(C=C, class_weight="balanced") on the single feature x (N,),
-    labels y (N,) in 0..n_classes-1 (all present, n_classes >= 2), at the exact optimum (liblinear stops at tol)."""
-    _compile_kernels()
-    return _linear_svc(np.ascontiguousarray(x, np.float64), np.ascontiguousarray(y, np.int64), n_classes, C)
-
-
-def sap_matrix(codes, factors, test_codes, test_factors, C=0.01):
-    """S[i, k] = test accuracy of LinearSVC(C=0.01, class_weight="balanced") fitted on code i alone to factor k;
-    prediction = class 1 when the score > 0 (two classes), else argmax of the class scores. A factor with a single
-    train class (sklearn refuses it) is predicted constant."""
-    codes, test_codes = np.asarray(codes, np.float64), np.asarray(test_codes, np.float64)
-    L, K = codes.shape[1], factors.shape[1]
-    S = np.zeros((L, K))
-    for k in range(K):
-        n_classes, y, y_test = _classes(factors[:, k], test_factors[:, k])
-        for i in range(L):
-            if n_classes < 2:
-                pred = np.zeros(len(y_test), np.int64)
-            else:
-                a, b = linear_svc_1d(codes[:, i], y, n_classes, C)
-                score = test_codes[:, i, None] * a + b
-                pred = (score[:, 0] > 0).astype(np.int64) if n_classes == 2 else score.argmax(1)
-            S[i, k] = np.mean(pred == y_test)
-    return S
-
-
-def sap_from_matrix(S):
-    """Mean over factors of the gap between the two largest entries of the factor's column of S (L >= 2)."""
-    top = np.sort(S, axis=0)
-    return float(np.mean(top[-1] - top[-2]))
-
-
-def sap(codes, factors, test_codes, test_factors):
-    """DL's SAP score, discrete form (Kumar et al. 2018): sap_from_matrix(sap_matrix(...))."""
-    return sap_from_matrix(sap_matrix(codes, factors, test_codes, test_factors))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Modularity (Ridgeway & Mozer 2018)
-# ---------------------------------------------------------------------------------------------------------------
-
-def modularity_from_matrix(mi):
-    """DL's modularity of an (L, K) MI matrix: per code 1 - (sum_k m^2 - max_k m^2) / (max_k m^2 (K - 1)), 0 for a
-    code whose MI is all 0; mean over all codes."""
-    sq = np.square(mi)
-    top = sq.max(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        score = 1 - (sq.sum(1) - top) / (top * (sq.shape[1] - 1))
-    return float(np.mean(np.where(top == 0, 0.0, score)))
-
-
-def modularity(codes, factors, n_bins=20):
-    """DL's modularity on the 20-bin MI matrix (grouptc's mutual_info_and_entropy: numpy.histogram's equal-width
-    bins per code, plug-in MI in nats), on the training points."""
-    return modularity_from_matrix(mutual_info_and_entropy(codes, factors, n_bins)[0])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# FactorVAE score (Kim & Mnih 2018)
-# ---------------------------------------------------------------------------------------------------------------
-
-def factor_vae_votes(batches, global_var, active):
-    """batches (V, B, L): the codes of V votes' B-point batches -> (V,) the index, among the active dims, of the
-    dim with the smallest var(ddof=1) / global var (DL's argmin; NaN (0 / 0) counts as smallest, as numpy's)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.argmin(batches.var(axis=1, ddof=1)[:, active] / global_var[active], axis=1)
-
-
-def factor_vae_accuracy(train_factor, train_dim, eval_factor, eval_dim, n_factors, n_dims):
-    """Majority-vote classifier: each dim predicts the factor that won most of its training votes (ties: the lowest
-    factor index; a dim without votes: factor 0). -> (train accuracy, eval accuracy): the share of votes whose
-    factor is the one their dim predicts."""
-    train, ev = np.zeros((n_factors, n_dims), np.int64), np.zeros((n_factors, n_dims), np.int64)
-    np.add.at(train, (train_factor, train_dim), 1)
-    np.add.at(ev, (eval_factor, eval_dim), 1)
-    predict = train.argmax(0)
-    cols = np.arange(n_dims)
-    return float(train[predict, cols].sum() / train.sum()), float(ev[predict, cols].sum() / ev.sum())
-
-
-def factor_vae_score(encode, factor_sizes, rng, n_train=10_000, n_eval=5_000, n_var=10_000, batch_size=64,
-                     prune=0.05, votes_per_call=256, progress=None):
-    """DL's FactorVAE score. encode: (M, K) int64 factor classes -> (M, L) codes (the encoder means, a function of
-    the classes); it is called on the n_var points, then on the votes' distinct points, votes_per_call * batch_size
-    at a time. rng: numpy Generator (or seed).
-    Global var (ddof 1) of n_var uniform points; dims with std < prune are dropped (DL's study: 0.05; its function
-    default: 0). A vote: factor k uniform; batch_size uniform factor vectors, column k set to the first row's value;
-    argmin over active dims of var(ddof 1) / global var. Majority-vote classifier from n_train votes, scored on
-    n_eval fresh ones. A point that recurs among the votes is encoded once (DL's counts on dSprites: about 537,000
-    distinct of 960,000), which gives the same score as long as a point's code does not depend on what else is in
-    its batch (on the CPU it did not, for the run checked). progress: None, or called with (points encoded, points
-    to encode) after each call.
-    -> dict: eval_accuracy (the score; 0 without an active dim), train_accuracy, n_active."""
-    rng = np.random.default_rng(rng)
-    sizes = np.asarray(factor_sizes, np.int64)
-    K = len(sizes)
-    global_var = np.asarray(encode(rng.integers(0, sizes, (n_var, K))), np.float64).var(0, ddof=1)
-    active = np.sqrt(global_var) >= prune
-    if not active.any():
-        return {"eval_accuracy": 0.0, "train_accuracy": 0.0, "n_active": 0}
-    ks, batches = [], []  # every vote's factor and batch, drawn as votes_per_call votes at a time
-    for n in (n_train, n_eval):
-        for start in range(0, n, votes_per_call):
-            m = min(votes_per_call, n - start)
-            ks.append(rng.integers(0, K, m))
-            f = rng.integers(0, sizes, (m, batch_size, K))
-            f[np.arange(m), :, ks[-1]] = f[np.arange(m), 0, ks[-1]][:, None]
-            batches.append(f.reshape(-1, K))
-    bases = index_bases(sizes)
-    flat, where = np.unique(np.concatenate(batches) @ bases, return_inverse=True)  # the distinct points
-    chunk = votes_per_call * batch_size
-    codes = []
-    for start in range(0, len(flat), chunk):
-        classes = flat[start:start + chunk, None] // bases % sizes
-        codes.append(np.asarray(encode(classes), np.float64))
-        if progress:
-            progress(n_var + start + len(classes), n_var + len(flat))
-    codes, where = np.concatenate(codes), where.reshape(n_train + n_eval, batch_size)
-    dims = np.concatenate([factor_vae_votes(codes[where[v:v + votes_per_call]], global_var, active)
-                           for v in range(0, len(where), votes_per_call)])  # a few MB of codes at a time
-    k = np.concatenate(ks)
-    train_acc, eval_acc = factor_vae_accuracy(k[:n_train], dims[:n_train], k[n_train:], dims[n_train:], K,
-                                              int(active.sum()))
-    return {"eval_accuracy": eval_acc, "train_accuracy": train_acc, "n_active": int(active.sum())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2710,22 +1955,15 @@ def encode_means(vae, data, classes, batch=1024, progress=True):
     codes = []
     for i in range(0, len(classes), batch):
         codes.append(vae.encode(data.images(classes[i:i + batch]))[0].float().cpu())
+        STOP.check("evaluation")
         if progress:
             _progress(f"encoding {len(classes):,} points", i + len(codes[-1]), len(classes))
     vae.train()
     return torch.cat(codes).double().numpy()
 
 
-SCORES = {  # what evaluate() can score: metrics.json key -> name in tables and figures
-    "mig": "MIG", "group_mig": "group-MIG",  # the paper's
-    "factor_vae_score": "FactorVAE score", "dci_disentanglement": "DCI disentanglement",
-    "dci_completeness": "DCI completeness", "dci_informativeness": "DCI informativeness", "sap": "SAP",
-    "modularity": "modularity"}
-METRICS = {  # --metrics: a metric -> the scores it gives
-    "mig": ("mig",), "group_mig": ("group_mig",), "modularity": ("modularity",), "sap": ("sap",),
-    "dci": ("dci_disentanglement", "dci_completeness", "dci_informativeness"), "factor_vae": ("factor_vae_score",)}
-CHEAP_METRICS = ("mig", "group_mig", "modularity", "sap")  # seconds on a CPU; dci ~25 s a core, factor_vae more
-PAPER_METRICS = ("mig", "group_mig")  # the scores over training (--eval-every)
+PAPER_SCORES = ("mig", "group_mig")  # what every evaluation scores (compare.py adds the field's other scores)
+SCORES = {"mig": "MIG", "group_mig": "group-MIG"}  # their names in figures
 
 
 def random_points(data, n_samples, seed):
@@ -2736,12 +1974,11 @@ def random_points(data, n_samples, seed):
                            torch.Generator(device=data.device).manual_seed(seed))
 
 
-def evaluate(vae, data, content_factors, content_dims, n_samples=10_000, seed=0, metrics=PAPER_METRICS):
-    """The scores of `metrics` (names of METRICS) for the encoder means of n_samples uniform random points of
-    `data` (0: every point); SAP and DCI are scored on half as many fresh points (DL: 10,000 and 5,000).
-    content_factors: indices of the content factors; z_c is the last content_dims dims of the code.
-    -> (scores, codes, classes): scores with the keys of the metrics, the MI matrix (and, with sap and dci, their
-    matrices) and what they are over; codes (N, L) and classes (N, K) of the points."""
+def evaluate(vae, data, content_factors, content_dims, n_samples=10_000, seed=0):
+    """MIG and group-MIG of the encoder means of n_samples uniform random points of `data` (0: every point), as
+    disentanglement_lib draws them (10,000). content_factors: indices of the content factors; z_c is the last
+    content_dims dims of the code. -> (scores, codes, classes): scores with MIG, group-MIG, the MI matrix and what
+    they are over; codes (N, L) and classes (N, K) of the points."""
     t0 = time.perf_counter()
     classes = random_points(data, n_samples, seed + 7)
     codes = encode_means(vae, data, classes)
@@ -2750,44 +1987,16 @@ def evaluate(vae, data, content_factors, content_dims, n_samples=10_000, seed=0,
                         "was scored or written")
     factors = classes.cpu().numpy()
     mi, H = mutual_info_and_entropy(codes, factors)
+    STOP.check("evaluation")
     L = codes.shape[1]
     content_latents = list(range(L - content_dims, L))
     scores = {"mig": gap_score(mig_gaps(mi), H),
-              "group_mig": gap_score(group_gaps(mi, content_latents, content_factors), H)}
-    if "modularity" in metrics:
-        scores["modularity"] = modularity_from_matrix(mi)
-    if "sap" in metrics or "dci" in metrics:
-        test = random_points(data, max(len(codes) // 2, 1), seed + 8)
-        test_codes, test_factors = encode_means(vae, data, test), test.cpu().numpy()
-        if "sap" in metrics:
-            S = sap_matrix(codes, factors, test_codes, test_factors)
-            scores |= {"sap": sap_from_matrix(S), "sap_matrix": S.tolist()}
-        if "dci" in metrics:
-            d = dci(codes, factors, test_codes, test_factors)
-            scores |= {"dci_disentanglement": d["disentanglement"], "dci_completeness": d["completeness"],
-                       "dci_informativeness": d["informativeness_test"],
-                       "dci_informativeness_train": d["informativeness_train"],
-                       "dci_importance": d["importance_matrix"].tolist()}
-    if "factor_vae" in metrics:
-        encode = lambda c: encode_means(vae, data, torch.as_tensor(c, device=data.device), progress=False)  # noqa
-        scores["factor_vae_score"] = factor_vae_score(encode, data.factor_sizes, seed + 9, progress=lambda done, n:
-                                                      _progress("FactorVAE score, encoding", done, n))["eval_accuracy"]
-    scores |= {"mi_matrix": mi.tolist(), "factor_entropy": H.tolist(), "factor_names": list(data.factor_names),
-               "content_factors": [data.factor_names[k] for k in content_factors], "content_latents": content_latents,
-               "eval_samples": len(codes), "metrics": list(metrics),
-               "eval_seconds": round(time.perf_counter() - t0, 3)}
+              "group_mig": gap_score(group_gaps(mi, content_latents, content_factors), H),
+              "mi_matrix": mi.tolist(), "factor_entropy": H.tolist(), "factor_names": list(data.factor_names),
+              "content_factors": [data.factor_names[k] for k in content_factors], "content_latents": content_latents,
+              "eval_samples": len(codes), "metrics": list(PAPER_SCORES),
+              "eval_seconds": round(time.perf_counter() - t0, 3)}
     return scores, codes, factors
-
-
-def parse_metrics(text):
-    """--metrics: all, or a comma-separated list of METRICS' names -> those names, comma-separated, MIG and group-MIG
-    first (always computed)."""
-    names = list(METRICS) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METRICS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown metric {', '.join(unknown)}; expected all, or some of "
-                                         f"{', '.join(METRICS)} separated by commas")
-    return ",".join(dict.fromkeys([*PAPER_METRICS, *names]))
 
 
 def _plt():
@@ -2795,6 +2004,12 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def fit(title, width_inches, fontsize=9):
+    """A title wrapped to the width of its figure (about 0.55 em a character), so that no line is cut off."""
+    chars = max(int(width_inches * 72 / (0.55 * fontsize)), 20)
+    return "\n".join(textwrap.fill(line, chars) for line in title.split("\n"))
 
 
 def save_figure(fig, path, dpi):
@@ -2807,8 +2022,9 @@ def save_figure(fig, path, dpi):
 
 
 def figure_title(m):
-    """A run's identity in a figure's title: model (and what sets it apart), data set, beta, gamma, seed, steps."""
-    return (f"{run_label(m)} on {m['dataset']}: beta {m['beta']:g}, gamma {m['gamma']:g}, seed {m['seed']}, "
+    """A run's identity in a figure's title: model, data set, beta, gamma, TC level, seed, steps."""
+    tc = f", TC {m['tc_level']}" if m["model"] == "group_tcvae" else ""
+    return (f"{m['model']} on {m['dataset']}: beta {m['beta']:g}, gamma {m['gamma']:g}{tc}, seed {m['seed']}, "
             f"{m['steps']:,} steps")
 
 
@@ -2832,8 +2048,8 @@ def plot_mi_matrix(metrics, path):
     ax.set_xticks(range(len(order)), [("c: " if names[k] in content else "\\c: ") + names[k] for k in order],
                   rotation=30, ha="right")
     ax.set_yticks(range(L), [f"z{i + 1} ({'c' if i >= n_s else chr(92) + 'c'})" for i in range(L)])
-    ax.set_title(f"{figure_title(metrics)}\nnormalised MI I(z;v)/H(v):   MIG {metrics['mig']:.3f}   group-MIG "
-                 f"{metrics['group_mig']:.3f}", fontsize=9)
+    ax.set_title(fit(f"{figure_title(metrics)}\nnormalised MI I(z;v)/H(v):   MIG {metrics['mig']:.3f}   group-MIG "
+                     f"{metrics['group_mig']:.3f}", fig.get_figwidth() * 0.8), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     save_figure(fig, path, 110)
 
@@ -2849,7 +2065,9 @@ def tile(images, pad=2):
 
 def _image_figure(picture, path, row_labels, title, rows, cols, dpi=100):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(0.75 * cols + 1.2, 0.75 * rows + 0.6))
+    width = max(0.75 * cols + 1.2, 4.5)
+    title = fit(title, width - 1.2)
+    fig, ax = plt.subplots(figsize=(width, 0.75 * rows + 0.45 + 0.17 * (title.count("\n") + 1)))
     ax.imshow(picture, interpolation="nearest")
     ax.set_yticks((np.arange(rows) + 0.5) * picture.shape[0] / rows, row_labels, fontsize=8)
     ax.set_xticks([])
@@ -2913,7 +2131,7 @@ def plot_training_curves(log_path, path, titles=None, title=""):
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(fit(title, fig.get_figwidth()), fontsize=9)
     save_figure(fig, path, 90)
 
 
@@ -2921,8 +2139,7 @@ def evaluate_and_plot(run, out, n_samples):
     """Evaluate a Run into its folder: metrics.json (the scores and the run's settings) and the figures."""
     out, a = Path(out), run.args
     print(f"evaluating on {n_samples or run.data.num_points:,} points", file=sys.stderr)
-    scores, codes, factors = evaluate(run.vae, run.data, run.content_factors, a.content_dims, n_samples, a.seed,
-                                      a.metrics.split(","))
+    scores, codes, factors = evaluate(run.vae, run.data, run.content_factors, a.content_dims, n_samples, a.seed)
     got = {k: name for k, name in SCORES.items() if k in scores}
     if not all(math.isfinite(scores[k]) for k in got):
         raise UserError(f"the evaluation on {scores['eval_samples']:,} points gave "
@@ -2942,388 +2159,19 @@ def evaluate_and_plot(run, out, n_samples):
     if (out / "log.csv").exists():
         plot_training_curves(out / "log.csv", out / "training_curves.png", title=title)
     if (out / "scores.csv").exists():
-        plot_training_curves(out / "scores.csv", out / "scores.png", [SCORES[k] for k in PAPER_METRICS], title)
+        plot_training_curves(out / "scores.csv", out / "scores.png", [SCORES[k] for k in PAPER_SCORES], title)
 
     def write_codes(tmp):  # any outside tool can score the run from these
         with open(tmp, "wb") as f:
             np.savez(f, codes=codes.astype(np.float32), factors=factors.astype(np.int64))
     write_atomic(out / "codes.npz", write_codes)
+    STOP.check("evaluation")
     # last: a run is finished once its metrics.json stands at its steps, so its figures are there by then
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False) + "\n")
     print("  ".join(f"{name} {scores[k]:.4f}" for k, name in got.items()) + f"  -> {out}/metrics.json",
           file=sys.stderr)
     return metrics
 
-
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Summary of a grid of runs: results.md, Figures 4, 3(b), 3(c), and the scores over training.
-# ----------------------------------------------------------------------------------------------------------------
-# Driven by MODELS and SCORES: a model or a score they do not list is shown plainly, never an error.
-def _legend(ax):
-    if ax.get_legend_handles_labels()[0]:  # an empty legend is a matplotlib warning
-        ax.legend(fontsize=8)
-
-
-def _density(values, grid):
-    """Gaussian kernel density with Scott's bandwidth (a floor keeps one-valued sets visible)."""
-    values = np.asarray(values, float)
-    bw = max(1.06 * values.std() * len(values) ** -0.2, 0.01)
-    return np.exp(-0.5 * ((grid[:, None] - values[None]) / bw) ** 2).sum(1) / (len(values) * bw * np.sqrt(2 * np.pi))
-
-
-def _color(model):
-    return MODELS[model].color if model in MODELS else "tab:gray"
-
-
-def _model_order(model):
-    return (list(MODELS).index(model) if model in MODELS else len(MODELS), model)
-
-
-def run_label(m):
-    """How a run is named in the table: its model, plus what sets it apart from the paper's main grid (m: a
-    metrics.json, or a config.json's flags)."""
-    label = m["model"]
-    latent, content = _dims(m)
-    default, chosen = DEFAULT_CONTENT.get(m["dataset"]), content_names(m)
-    official, sizes = DATASET_SIZES.get(m["dataset"]), tuple(m.get("factor_sizes") or ())  # a sub-grid file's
-    tc = m.get("tc_level", "inter")
-    for what, differs in ((f"group size {m.get('group_size')}", m.get("group_size", 2) != 2),
-                          (f"TC {tc}", m["model"] == "group_tcvae" and tc != "inter"),
-                          (f"{m.get('pairs')}, k {m.get('k', 'rnd')}", m.get("pairs", "groups") != "groups"),
-                          (f"batch {m.get('batch_size')}", m.get("batch_size", 32) != DEFAULTS["batch_size"]),
-                          (f"z {latent}, z_c {content}",
-                           (latent, content) != (DEFAULTS["latent_dim"], DEFAULTS["content_dims"])),
-                          (f"content {','.join(chosen)}", default is not None and chosen != default),
-                          (f"factor sizes {','.join(map(str, sizes))}", bool(sizes) and sizes != official)):
-        label += f" ({what})" if differs else ""
-    return label
-
-
-def _dims(m):
-    """(latent dims, content dims) of a metrics.json (earlier ones: from the MI matrix) or a config's flags."""
-    if "latent_dim" in m:
-        return m["latent_dim"], m["content_dims"]
-    return len(m["mi_matrix"]), len(m["content_latents"])
-
-
-def setting(m):
-    """What one row of the summary pools: every run-defining flag but the seed, and the steps."""
-    return run_label(m), m["beta"], m["gamma"], m["steps"]
-
-
-def load_runs(runs_dir):
-    """Every run under runs_dir evaluated at its steps: its metrics.json, if it has the structure evaluate() writes
-    (others are skipped, with a line that says why); one run found in two folders is counted once, and runs not
-    evaluated at their --steps are left out, with a line each.
-    -> (runs, unfinished: the flags of the runs left out)."""
-    runs, unfinished, seen = [], [], {}
-    for folder in [Path(runs_dir)] if is_run(runs_dir) else runs_below(runs_dir):
-        path, config = folder / "metrics.json", folder / "config.json"
-        try:
-            flags = DEFAULTS | json.loads(config.read_text()) if config.is_file() else None
-        except (OSError, ValueError, TypeError):
-            flags = None
-        if not path.exists():
-            if isinstance(flags, dict) and {"model", "dataset", "beta", "gamma", "steps"} <= set(flags):
-                print(f"leaving out {folder}: not evaluated yet (no metrics.json)", file=sys.stderr)
-                unfinished.append(flags | {"path": str(folder)})
-            continue
-        try:
-            m = json.loads(path.read_text())
-            mi = np.array(m["mi_matrix"], float)
-            K = len(m["factor_names"])
-            if not (mi.ndim == 2 and mi.shape[1] == K == len(m["factor_entropy"])
-                    and all(math.isfinite(m[k]) for k in SCORES if k in m)
-                    and set(m["content_factors"]) <= set(m["factor_names"])
-                    and all(0 <= i < len(mi) for i in m["content_latents"])
-                    and (m.get("factor_sizes") is None or len(m["factor_sizes"]) == K
-                         and all(type(n) is int and n > 0 for n in m["factor_sizes"]))):
-                raise ValueError("its MI matrix, factors or scores do not agree")
-            for key in ("model", "dataset", "beta", "gamma", "steps"):
-                m[key]  # noqa: B018 (present, or KeyError)
-            if not isinstance(m["steps"], int):
-                raise ValueError(f"its steps is {m['steps']!r}, not a whole number")
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            print(f"skipping {path}: not a metrics.json of this program ({type(error).__name__}: {error})",
-                  file=sys.stderr)
-            continue
-        m["path"] = str(folder)
-        if isinstance(flags, dict) and isinstance(flags.get("steps"), int) and m["steps"] < flags["steps"]:
-            print(f"leaving out {folder}: evaluated at step {m['steps']:,} of its {flags['steps']:,}",
-                  file=sys.stderr)
-            unfinished.append(flags | {"path": str(folder)})
-            continue
-        key = (m["dataset"], setting(m), m.get("seed"))
-        if key in seen:
-            print(f"{folder} holds the same run as {seen[key]} (same settings, seed and steps): counted once",
-                  file=sys.stderr)
-            continue
-        seen[key] = folder
-        runs.append(m)
-    return runs, unfinished
-
-
-PER_FACTOR = {  # score -> (metrics.json -> its value per factor (K,), what the row means)
-    "mig": (lambda m: _over_entropy(m, mig_gaps(np.array(m["mi_matrix"]))),
-            "MIG: the gap between the two latents that know the factor best, over H(v); MIG is the mean of this row."),
-    "group_mig": (lambda m: _over_entropy(m, group_gaps(np.array(m["mi_matrix"]), m["content_latents"],
-                                                        [m["factor_names"].index(n) for n in m["content_factors"]])),
-                  "group-MIG: best latent of the factor's own group minus the best of the other group, over H(v); "
-                  "group-MIG is the mean of this row."),
-    "sap": (lambda m: mig_gaps(np.array(m["sap_matrix"])),
-            "SAP: the gap between the two latents whose linear SVM predicts the factor best; SAP is the mean of this "
-            "row."),
-    "dci_completeness": (lambda m: 1 - _entropy(np.array(m["dci_importance"]) + 1e-11, len(m["dci_importance"])),
-                         "DCI completeness per factor: 1 - the entropy (base L) of its importance over the latents; "
-                         "DCI completeness is their mean weighted by each factor's share of the importance."),
-}
-
-
-def _over_entropy(m, gaps):
-    H = np.array(m["factor_entropy"])
-    return gaps / np.where(H > 0, H, np.nan)  # NaN for one-valued factors
-
-
-def split_group_mig(m):
-    """group-MIG over the content factors alone and over the non-content factors alone (Figure 3b)."""
-    per_factor = PER_FACTOR["group_mig"][0](m)
-    is_content = np.isin(m["factor_names"], m["content_factors"])
-    return float(np.nanmean(per_factor[is_content])), float(np.nanmean(per_factor[~is_content]))
-
-
-def _stat(group, score, reduce):
-    """A cell: reduce() of the runs' scores; it says so when only some of the runs have that score."""
-    values = [m[score] for m in group if score in m]
-    some = f" ({len(values)} of {len(group)} runs)" if 0 < len(values) < len(group) else ""
-    return f"{reduce(values):.3f}{some}" if values else "-"
-
-
-def _setting_order(key):
-    """Rows of results.md in the models' order, then by label and settings."""
-    return _model_order(key[0].split()[0]), key
-
-
-def unfinished_line(unfinished, title):
-    """One line of results.md: the unfinished runs (their flags), counted per setting."""
-    waiting = collections.Counter(setting(u) for u in unfinished)
-    return f"{title}: " + "; ".join(
-        f"{label}, beta {beta:g}, gamma {gamma:g}, {steps:,} steps: {n} run{'s' * (n > 1)}"
-        for (label, beta, gamma, steps), n in sorted(waiting.items(), key=lambda kv: _setting_order(kv[0]))) + "."
-
-
-def results_table(rs, dataset, unfinished=()):
-    """results.md's section for one data set: per model, per setting, each seed of every score, per factor. A row
-    pools only runs that agree on every run-defining flag but the seed, and on their steps."""
-    scores = [k for k in SCORES if any(k in m for m in rs)]
-    labels = sorted({(run_label(m), m["steps"]) for m in rs}, key=_setting_order)
-    columns = [(k, s, f) for k in scores for s, f in (("mean", np.mean), ("median", np.median), ("best", np.max))
-               if k in PAPER_METRICS or s == "mean"]  # the paper's scores in full, the others' means
-    lines = [f"## {dataset}", "", "| model | runs | steps | " + " | ".join(
-        f"{SCORES[k]} {s}" for k, s, _ in columns) + " |", "|---|---|---|" + "---|" * len(columns)]
-    for label, steps in labels:
-        group = [m for m in rs if (run_label(m), m["steps"]) == (label, steps)]
-        lines.append(f"| {label} | {len(group)} | {steps:,} | " + " | ".join(
-            _stat(group, k, f) for k, _, f in columns) + " |")
-    head = "| model | beta | gamma | steps | "
-    by_setting = {key: sorted([m for m in rs if setting(m) == key], key=lambda m: m.get("seed", 0))
-                  for key in sorted({setting(m) for m in rs}, key=_setting_order)}
-    lines += ["", "Per setting (mean over seeds):", "",
-              head + "runs | " + " | ".join(f"{SCORES[k]} mean" for k in scores) + " |",
-              "|---|---|---|---|---|" + "---|" * len(scores)]
-    for (label, beta, gamma, steps), group in by_setting.items():
-        lines.append(f"| {label} | {beta:g} | {gamma:g} | {steps:,} | {len(group)} | "
-                     + " | ".join(_stat(group, k, np.mean) for k in scores) + " |")
-    lines += ["", "Each seed (the seeds' scores in the order of the seeds column; - where a run lacks the score):", "",
-              head + "seeds | " + " | ".join(SCORES[k] for k in scores) + " |",
-              "|---|---|---|---|---|" + "---|" * len(scores)]
-    for (label, beta, gamma, steps), group in by_setting.items():
-        each = lambda k: ", ".join(f"{m[k]:.3f}" if k in m else "-" for m in group)  # noqa: E731
-        lines.append(f"| {label} | {beta:g} | {gamma:g} | {steps:,} | "
-                     + ", ".join(str(m.get("seed", "-")) for m in group) + " | "
-                     + " | ".join(each(k) for k in scores) + " |")
-    if unfinished:
-        lines += ["", unfinished_line(unfinished, "Unfinished (not counted above)")]
-    names = rs[0]["factor_names"]
-    for score in (k for k in scores if k in PER_FACTOR):
-        for split in sorted({content_names(m) for m in rs}):  # one table per content split: its columns' marks
-            lines += ["", f"Per factor, mean over seeds (c: content factor, \\c: the others). {PER_FACTOR[score][1]}",
-                      "",
-                      "| model | beta | gamma | steps | " + " | ".join(("c: " if n in split else "\\c: ") + n
-                                                                  for n in names) + " |",
-                      "|---|---|---|---|" + "---|" * len(names)]
-            for (label, beta, gamma, steps), group in by_setting.items():
-                group = [m for m in group if score in m]
-                if group and content_names(group[0]) == split:
-                    gaps = np.nanmean([PER_FACTOR[score][0](m) for m in group], axis=0)
-                    lines.append(f"| {label} | {beta:g} | {gamma:g} | {steps:,} | "
-                                 + " | ".join(f"{g:.3f}" for g in gaps) + " |")
-    return lines + [""]
-
-
-def on_main_grid(m, any_group_size=False):
-    """Whether a run is of the paper's main grid, as Figures 4 and 3(b) pool them (and 3(c), of any group size):
-    its label names nothing but its model (run_label: the paper's group pairs, TC inter, the default batch size,
-    dims and content factors, the official factor sizes)."""
-    return run_label(m | {"group_size": 2} if any_group_size else m) == m["model"]
-
-
-def figure_4(rs, dataset, path):
-    """Figure 4: the density of each score per model over the paper's main grid (on_main_grid); points alone for a
-    model with fewer than 3 runs."""
-    main_runs = [m for m in rs if on_main_grid(m)]
-    if not main_runs:
-        return  # none of the paper's grid: no figure (the table has the runs)
-    plt = _plt()
-    scores = [k for k in sorted(SCORES, key=lambda k: k != "group_mig") if any(k in m for m in main_runs)]
-    cols = min(max(len(scores), 1), 4)
-    rows = -(-max(len(scores), 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[len(scores):]:
-        ax.axis("off")
-    left_out = len(rs) - len(main_runs)
-    for ax, key in zip(axes.flat, scores):
-        title = SCORES[key]
-        values = [m[key] for m in main_runs if key in m]
-        grid = np.linspace(min(values + [0.0]) - 0.05, max(values + [0.0]) + 0.05, 300)
-        for model in sorted({m["model"] for m in main_runs}, key=_model_order):
-            v = [m[key] for m in main_runs if m["model"] == model and key in m]
-            if len(v) >= 3:
-                ax.plot(grid, _density(v, grid), color=_color(model), label=f"{model} (n={len(v)})")
-                ax.fill_between(grid, _density(v, grid), color=_color(model), alpha=0.15)
-                ax.plot(v, np.zeros(len(v)), "|", color=_color(model), ms=12)
-            elif v:
-                ax.plot(v, np.zeros(len(v)), "o", color=_color(model), ms=6, label=f"{model} (n={len(v)}, points)")
-        ax.set_title(f"{title}, {len(main_runs)} runs of the paper's grid ({dataset})\n(pairs, TC inter; every "
-                     f"beta and gamma" + (f"; {left_out} other runs not shown)" if left_out else ")"), fontsize=9)
-        ax.set_xlabel(f"{title} (higher is better)")
-        _legend(ax)
-    save_figure(fig, path, 110)
-
-
-def figure_3b(rs, dataset, path):
-    """Figure 3(b): group-MIG of the content and of the non-content factors, over the baselines' runs of pairs."""
-    plt = _plt()
-    main_runs = [m for m in rs if on_main_grid(m) and m["model"] in MODELS and MODELS[m["model"]].baseline]
-    if not main_runs:
-        return  # no baseline's runs of pairs: no figure (rather than an empty one)
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    positions, ticks = 0, []
-    for model in sorted({m["model"] for m in main_runs}, key=_model_order):
-        parts = [split_group_mig(m) for m in main_runs if m["model"] == model]
-        for j, name in enumerate(("content", "non-content")):
-            v = [p[j] for p in parts]
-            ax.boxplot([v], positions=[positions], widths=0.6)
-            ax.plot(np.full(len(v), positions) + np.linspace(-0.15, 0.15, len(v)), v, "o", color=_color(model),
-                    alpha=0.7, ms=4)
-            ticks.append((positions, f"{model}\n{name}"))
-            positions += 1
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xticks([t[0] for t in ticks], [t[1] for t in ticks], fontsize=8)
-    ax.set_ylabel("group-MIG")
-    betas = sorted({m["beta"] for m in main_runs})
-    ax.set_title(f"Figure 3(b), {dataset}: group-MIG of content vs non-content\n(baselines' runs of pairs at "
-                 f"beta {', '.join(f'{b:g}' for b in betas)})", fontsize=9)
-    save_figure(fig, path, 110)
-
-
-def figure_3c(rs, dataset, path):
-    """Figure 3(c): the baselines' MIG against the number of observations sharing a group. The runs at larger
-    groups use each model's first beta; its pairs are compared at the same beta(s)."""
-    plt = _plt()
-    base = [m for m in rs if m["model"] in MODELS and MODELS[m["model"]].baseline and "mig" in m
-            and on_main_grid(m, any_group_size=True)]
-    if not base:
-        return
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    shown = set()
-    for model in sorted({m["model"] for m in base}, key=_model_order):
-        own = [m for m in base if m["model"] == model]
-        betas = {m["beta"] for m in own if m.get("group_size", 2) != 2} or {m["beta"] for m in own}
-        by_size = {}
-        for m in own:
-            if m["beta"] in betas:
-                by_size.setdefault(m.get("group_size", 2), []).append(m["mig"])
-        sizes = sorted(by_size)
-        for s in sizes:
-            ax.plot(np.full(len(by_size[s]), s), by_size[s], "o", color=_color(model), alpha=0.4, ms=4)
-        ax.errorbar(sizes, [np.mean(by_size[s]) for s in sizes], [np.std(by_size[s]) for s in sizes],
-                    color=_color(model), marker="s", capsize=3,
-                    label=f"{model} (beta {', '.join(f'{b:g}' for b in sorted(betas))})")
-        shown |= betas
-    ax.set_xlabel("observations per group (--group-size)")
-    ax.set_ylabel("MIG")
-    ax.set_title(f"Figure 3(c), {dataset}: MIG vs group size\n(baselines' runs on group pairs, each at its first "
-                 "beta)", fontsize=9)
-    _legend(ax)
-    save_figure(fig, path, 110)
-
-
-def figure_scores(rs, dataset, path):
-    """Scores over training (--eval-every): per setting, the mean over seeds (thick) and each seed (thin)."""
-    logs = {m["path"]: read_log(Path(m["path"]) / "scores.csv") for m in rs
-            if (Path(m["path"]) / "scores.csv").exists()}
-    settings = sorted({setting(m) for m in rs if m["path"] in logs},
-                      key=_setting_order)
-    if not settings:
-        return
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(PAPER_METRICS), figsize=(5 * len(PAPER_METRICS), 3.8), squeeze=False)
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (key, title) in zip(axes[0], ((k, SCORES[k]) for k in PAPER_METRICS)):
-        for j, row in enumerate(settings):
-            color = cycle[j % len(cycle)]
-            curves = [{int(r["step"]): float(r[key]) for r in logs[m["path"]] if r.get(key)}
-                      for m in rs if m["path"] in logs and setting(m) == row]
-            for c in curves:
-                ax.plot(sorted(c), [c[t] for t in sorted(c)], color=color, lw=0.6, alpha=0.5)
-            common = sorted(set.intersection(*(set(c) for c in curves)))
-            ax.plot(common, [np.mean([c[t] for c in curves]) for t in common], color=color, lw=2, marker=".",
-                    label=f"{row[0]} beta {row[1]:g}" + (f" gamma {row[2]:g}" if row[2] else "")
-                    + f" (n={len(curves)})")
-        ax.set_title(f"{title} over training, {dataset}\n(per setting: mean over seeds; thin: each seed)", fontsize=9)
-        ax.set_xlabel("step")
-        _legend(ax)
-    save_figure(fig, path, 110)
-
-
-def summarize(runs_dir):
-    """Figures 4, 3(b), 3(c) per data set and results.md, from every metrics.json under runs_dir."""
-    runs_dir = Path(runs_dir)
-    runs, unfinished = load_runs(runs_dir)
-    if not runs:
-        raise UserError(f"--summarize: no finished run under {runs_dir} (no metrics.json at its --steps); point it "
-                        "at a folder of finished runs")
-    lines = [f"# Results: {len(runs)} runs under {runs_dir}" + (f" ({len(unfinished)} more unfinished)"
-                                                                  if unfinished else ""), "",
-             "Scores as disentanglement_lib computes them, on encoder means (MIG: its discrete estimator, 20 bins; "
-             "README: Metrics).", ""]
-    for dataset in sorted({m["dataset"] for m in runs}):
-        rs = [m for m in runs if m["dataset"] == dataset]
-        lines += results_table(rs, dataset, [u for u in unfinished if u["dataset"] == dataset])
-        for kind in ("figure4", "figure3b", "figure3c", "scores"):  # an earlier summary's: written anew, or none
-            (runs_dir / f"{kind}_{dataset}.png").unlink(missing_ok=True)
-        steps = max(m["steps"] for m in rs)  # a figure pools runs of one length: the longest
-        if any(m["steps"] != steps for m in rs):
-            print(f"{dataset}: the figures show the {sum(m['steps'] == steps for m in rs)} runs of {steps:,} steps, "
-                  f"not the {sum(m['steps'] != steps for m in rs)} shorter ones (the table has them)", file=sys.stderr)
-            rs = [m for m in rs if m["steps"] == steps]
-        off = [m for m in rs if not on_main_grid(m)]
-        if off:  # (Figure 3(c) draws the baselines' larger groups among them)
-            print(f"{dataset}: Figures 4 and 3(b) leave out {len(off)} run{'s' * (len(off) > 1)} off the paper's main "
-                  f"grid ({'; '.join(sorted({run_label(m) for m in off}))}); the table has them", file=sys.stderr)
-        figure_4(rs, dataset, runs_dir / f"figure4_{dataset}.png")
-        figure_3b(rs, dataset, runs_dir / f"figure3b_{dataset}.png")
-        figure_3c(rs, dataset, runs_dir / f"figure3c_{dataset}.png")
-        figure_scores(rs, dataset, runs_dir / f"scores_{dataset}.png")
-    for dataset in sorted({u["dataset"] for u in unfinished} - {m["dataset"] for m in runs}):
-        lines += [f"## {dataset}", "", unfinished_line([u for u in unfinished if u["dataset"] == dataset],
-                                                       "No run finished yet. Unfinished"), ""]
-    write_text_atomic(runs_dir / "results.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote results.md and figures to {runs_dir}", file=sys.stderr)
-    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -3333,42 +2181,37 @@ DEFAULTS = vars(build_parser().parse_args([]))  # the flags' defaults, by name
 
 
 def main(argv=None):
-    """Train, evaluate and plot one run or a sweep (or --eval-only / --summarize). Returns the exit status."""
+    """Train, evaluate and plot one run (or --eval-only evaluate a saved one). Returns the exit status."""
     try:
         args = parse_args(argv)
-        if args.summarize is not None:
-            summarize(args.summarize)
-            return 0
-        members = expand(args)
-        if args.eval_only and args.sweep:
-            raise UserError(f"--eval-only evaluates one run: give --out one of the run folders under {args.out}")
-        if args.eval_only and not (Path(args.out) / "checkpoint.pt").is_file():
-            raise UserError(f"--eval-only: no checkpoint.pt in {args.out}; give --out the folder of a trained run")
-        check_out_folder(args.out)
-        if not args.sweep:
-            check_run_folder(args.out)
-        try:
-            if args.sweep:
-                if not getattr(args, "discovered", False):  # found runs: checked per set that trains together
-                    check_memory(members)
-                return train_sweep(args, members)
-            with RunFolderLock(args.out):  # one process writes a run folder at a time
+        out = check_out_folder(args.out)
+        if args.eval_only and not (out / "checkpoint.pt").is_file():
+            raise UserError(f"--eval-only: no checkpoint.pt in {out}; give --out the folder of a trained run")
+        if not (args.resume or args.eval_only):
+            check_args(args)  # nothing saved: the typed flags alone define the run
+        with RunFolderLock(out), STOP.installed():  # one process writes a run folder at a time
+            try:
                 if args.eval_only:
-                    eval_only(members[0])
-                    return 0
-                checkpoint = prepare_run(members[0])
-                if checkpoint is not False:
-                    runs, _ = train(members, [checkpoint])
-                    evaluate_and_plot(runs.runs[0], args.out, members[0].eval_samples)
-            return 0
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; the files in {args.out} are whole (each is written at once or not at all). "
-                  f"Continue with --resume --out {args.out}, or evaluate with --eval-only --out {args.out}",
-                  file=sys.stderr)
-            return 130
-        except OSError as error:  # the one place where a failed write or read becomes a message
-            where = error.filename or args.out
-            raise UserError(f"could not write or read {where}: {error.strerror or error}{_disk_note(where)}") from None
+                    eval_only(args)
+                elif (checkpoint := prepare_run(args)) is not False:
+                    check_memory(args)
+                    evaluate_and_plot(train(args, checkpoint), out, args.eval_samples)
+            except (StopRun, KeyboardInterrupt) as stop:
+                if isinstance(stop, StopRun) and str(stop).startswith("stopped at step"):
+                    print(stop, file=sys.stderr)
+                elif (out / "checkpoint.pt").exists():
+                    print(f"\ninterrupted; the files in {out} are whole (each is written at once or not at all). "
+                          f"Continue with: python grouptc.py {'--eval-only' if args.eval_only else '--resume'} "
+                          f"--out {out}", file=sys.stderr)
+                else:
+                    print(f"\ninterrupted before the run's first checkpoint; nothing to continue in {out}: run the "
+                          "same command again to start it", file=sys.stderr)
+                return 130
+            except OSError as error:  # the one place where a failed write or read becomes a message
+                where = error.filename or out
+                raise UserError(f"could not write or read {where}: {error.strerror or error}{_disk_note(where)}") \
+                    from None
+        return 130 if STOP.requested else 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
