@@ -4,8 +4,7 @@
     python benchmarks/bench.py --only step mig          # some sections
     python benchmarks/bench.py --device cuda            # on a GPU: bf16 autocast, the step as one CUDA graph
     python benchmarks/bench.py --device cuda --eager    # ... each step launched eagerly
-    python benchmarks/bench.py --only sweep --sizes 1 4 16 64   # sweeps against their runs one at a time
-    python benchmarks/bench.py --only step sweep render --baseline OLD/grouptc.py   # beside an earlier version
+    python benchmarks/bench.py --only step render --baseline OLD/grouptc.py   # beside an earlier version
 
 Sections:
   step    training step (32 groups) of each model vs a bare step of the same networks on one fixed batch (no
@@ -19,10 +18,6 @@ Sections:
   metrics DCI, SAP and modularity against sklearn's GradientBoostingClassifier() and LinearSVC at
           disentanglement_lib's 10,000 / 5,000 points on dSprites' factor sizes (--dci-factors of them for
           sklearn's DCI, which takes minutes on all five); not in the default set.
-  sweep   run-steps/s of a sweep of S runs trained together (one step trains all S) against S single runs one
-          after another (a single run's step, timed in alternating blocks), for S in --sizes and each model in
-          --models; the memory each run adds (host RSS on the CPU, allocated memory on CUDA); checkpoint size and
-          write time per run.
   load    load time and peak memory (ru_maxrss of a fresh process) of full-size dSprites (npz) and 3D Shapes
           (h5) files in the official layouts, written first into --data-dir from the built-in renderers.
 """
@@ -30,11 +25,9 @@ Sections:
 import argparse
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -118,82 +111,6 @@ def bench_step(device, flags, blocks, block_steps, dataset, baseline=None):
     return results
 
 
-def host_rss_mib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-def bench_sweep(device, flags, sizes, models, blocks, block_steps, dataset, baseline=None):
-    """A sweep of S runs against S single runs one after another, in the same process, blocks alternating; with a
-    baseline, its sweep and single run in the same rotation."""
-    results = {}
-    codes = {"this": gt} | ({"baseline": baseline} if baseline is not None else {})
-    warmup = 10 if device.type == "cuda" else 2  # CUDA: the graph is captured after 3 eager steps
-    for model in models:
-        argv = ["--model", model, "--dataset", dataset, "--out", "unused", "--device", str(device)] + flags
-        singles = {name: make_steps(code, argv, device)[1] for name, code in codes.items()}
-        for fn in singles.values():
-            for _ in range(warmup):
-                fn()
-        for S in sizes:
-            seeds = ["--seed", ",".join(map(str, range(S)))]
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-            rss0 = host_rss_mib()
-            try:
-                sweep, full, _ = make_steps(gt, argv + seeds, device)
-                for _ in range(warmup):
-                    full()
-                sync(device)
-                memory = ((torch.cuda.max_memory_allocated(device) - before) / 2 ** 20 if device.type == "cuda"
-                          else host_rss_mib() - rss0)
-                steps = {"this sweep": full, "this single": singles["this"]}
-                if baseline is not None:
-                    old_sweep = make_steps(baseline, argv + seeds, device)[1]
-                    for _ in range(warmup):
-                        old_sweep()
-                    steps |= {"baseline sweep": old_sweep, "baseline single": singles["baseline"]}
-            except torch.OutOfMemoryError:
-                print(f"sweep {model:12s} S={S:4d}: out of memory", flush=True)
-                break
-            times = {name: [] for name in steps}
-            for _ in range(blocks):
-                for name, fn in steps.items():
-                    times[name].append(timed(fn, block_steps, device))
-            ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
-            ms_sweep, ms_single = ms["this sweep"], ms["this single"]
-            with tempfile.TemporaryDirectory() as tmp:
-                log_sum = torch.zeros(len(gt.MODELS[model].terms), device=device)
-                t0 = time.perf_counter()
-                for k in range(S):
-                    sweep.save(k, Path(tmp) / f"{k}.pt", log_sum, 0)
-                ckpt_s = (time.perf_counter() - t0) / S
-                ckpt_mib = statistics.mean(os.path.getsize(Path(tmp) / f"{k}.pt") for k in range(S)) / 2 ** 20
-            speedup = (S / ms_sweep) / (1 / ms_single)
-            run = sweep.runs[0]
-            n_weights = sum(p.numel() for m in (run.vae, run.D) if m is not None for p in m.parameters())
-            state_mib = 16 * n_weights / 2 ** 20  # fp32 weights, gradients and two Adam moments
-            results.setdefault(model, {})[S] = {
-                "sweep_step_ms": ms_sweep, "single_step_ms": ms_single, "run_steps_per_s": 1000 * S / ms_sweep,
-                "single_run_steps_per_s": 1000 / ms_single, "speedup": speedup, "memory_mib_per_run": memory / S,
-                "state_mib_per_run": state_mib,
-                "checkpoint_mib_per_run": ckpt_mib, "checkpoint_s_per_run": ckpt_s, "batched": sweep.batched}
-            line = (f"sweep {model:12s} S={S:4d}: {ms_sweep:9.2f} ms/step = {1000 * S / ms_sweep:8.1f} run-steps/s; "
-                    f"single run {ms_single:7.2f} ms/step = {1000 / ms_single:7.1f}; speed-up {speedup:5.2f}x; "
-                    f"{memory / S:7.1f} MiB/run ({'GPU' if device.type == 'cuda' else 'host'}, of which weights, "
-                    f"gradients, Adam {state_mib:5.1f}); checkpoint "
-                    f"{ckpt_mib:5.1f} MiB, {1000 * ckpt_s:6.1f} ms/run" + (" [vmap]" if sweep.batched else " [loop]"))
-            if baseline is not None:
-                old = (S / ms["baseline sweep"]) / (1 / ms["baseline single"])
-                results[model][S]["baseline_speedup"] = old
-                line += f"; baseline speed-up {old:5.2f}x"
-            print(line, flush=True)
-            del sweep
-    return results
-
-
 def bench_render(device, baseline=None, blocks=7):
     """Each renderer at two batch sizes; with a baseline, its renderer in the same rotation of blocks."""
     results = {}
@@ -274,7 +191,9 @@ def bench_metrics(dci_factors):
     """DCI, SAP and modularity against their sklearn-based references (GradientBoostingClassifier(),
     LinearSVC(C=0.01, class_weight="balanced"), as disentanglement_lib calls them) at DL's 10,000 / 5,000 points on
     dSprites' factor sizes, in the same run. sklearn's DCI takes minutes: dci_factors (the first of dSprites' factors,
-    shape (3), scale (6), orientation (40), ...) bounds the side-by-side part; ours also runs on every factor."""
+    shape (3), scale (6), orientation (40), ...) bounds the side-by-side part; ours also runs on every factor.
+    The scores are compare.py's (the field's scores moved there from grouptc.py)."""
+    import compare as cp
     from sklearn.ensemble import GradientBoostingClassifier
     from sklearn.svm import LinearSVC
     rng = np.random.default_rng(0)
@@ -285,13 +204,13 @@ def bench_metrics(dci_factors):
         z[:, :5] += f / np.array(gt.DSPRITES_SIZES)  # a code per factor, the rest noise
         return z, f
     (z, f), (zt, ft) = draw(10_000), draw(5_000)
-    gt.dci(z[:200], f[:200, :2], zt[:100], ft[:100, :2])  # compile (or load) the kernels
-    gt.sap(z[:200], f[:200], zt[:100], ft[:100])
-    gt.modularity(z[:200], f[:200])
+    cp.dci(z[:200], f[:200, :2], zt[:100], ft[:100, :2])  # compile (or load) the kernels
+    cp.sap(z[:200], f[:200], zt[:100], ft[:100])
+    cp.modularity(z[:200], f[:200])
     results = {}
     K = dci_factors
     t0 = time.perf_counter()
-    ours = gt.dci(z, f[:, :K], zt, ft[:, :K])
+    ours = cp.dci(z, f[:, :K], zt, ft[:, :K])
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     R, acc = np.zeros((10, K)), []
@@ -300,21 +219,21 @@ def bench_metrics(dci_factors):
         R[:, k] = g.feature_importances_
         acc.append(np.mean(g.predict(zt) == ft[:, k]))
     t_ref = time.perf_counter() - t0
-    d, c = gt.dci_from_importance(R)
-    diff = max(abs(ours["disentanglement"] - d), abs(ours["completeness"] - c),
-               abs(ours["informativeness_test"] - np.mean(acc)))
+    d, c = cp.dci_from_importance(R)
+    diff = max(abs(ours["dci_disentanglement"] - d), abs(ours["dci_completeness"] - c),
+               abs(ours["dci_informativeness"] - np.mean(acc)))
     trees = 100 * sum(s if s > 2 else 1 for s in gt.DSPRITES_SIZES[:K])
     results["dci"] = {"factors": K, "trees": trees, "grouptc_s": t_ours, "sklearn_s": t_ref,
                       "speedup": t_ref / t_ours, "max_abs_diff": diff}
     print(f"dci   {K} factors ({trees:,} trees), 10,000 / 5,000 points: grouptc {t_ours:7.2f} s   sklearn "
           f"{t_ref:7.2f} s   {t_ref / t_ours:5.1f}x   max |difference| of D, C, I {diff:.4f}", flush=True)
     t0 = time.perf_counter()
-    gt.dci(z, f, zt, ft)
+    cp.dci(z, f, zt, ft)
     t_all = time.perf_counter() - t0
     results["dci_all_factors_s"] = t_all
     print(f"dci   every dSprites factor (11,300 trees): grouptc {t_all:7.2f} s", flush=True)
     t0 = time.perf_counter()
-    S = gt.sap_matrix(z, f, zt, ft)
+    S = cp.sap_matrix(z, f, zt, ft)
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = np.array([[np.mean(LinearSVC(C=0.01, class_weight="balanced").fit(z[:, i:i + 1], f[:, k])
@@ -325,7 +244,7 @@ def bench_metrics(dci_factors):
     print(f"sap   10 codes x 5 factors: grouptc {t_ours:7.3f} s   sklearn {t_ref:7.2f} s   {t_ref / t_ours:5.1f}x   "
           f"max |difference| of the score matrix {np.abs(S - ref).max():.4f}", flush=True)
     t0 = time.perf_counter()
-    gt.modularity(z, f)
+    cp.modularity(z, f)
     results["modularity_s"] = time.perf_counter() - t0
     print(f"modularity: grouptc {results['modularity_s']:.4f} s (the MI matrix MIG uses)", flush=True)
     return results
@@ -389,13 +308,12 @@ def bench_load(data_dir, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", default=["step", "render", "gather", "mig", "load"],
-                   choices=["step", "render", "gather", "mig", "load", "sweep", "metrics"])
-    p.add_argument("--dci-factors", type=int, default=2, choices=range(1, 6),
-                   help="metrics section: dSprites factors timed against sklearn's DCI (all 5: minutes)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="sweep sizes S (sweep section)")
-    p.add_argument("--models", nargs="+", default=list(gt.MODELS), choices=list(gt.MODELS), help="sweep section")
+                   choices=["step", "render", "gather", "mig", "load", "metrics"])
+    p.add_argument("--dci-factors", type=int, default=2, choices=range(2, 6),
+                   help="metrics section: dSprites factors timed against sklearn's DCI (all 5: minutes; DCI's "
+                        "entropies need 2 at least)")
     p.add_argument("--baseline", default=None, metavar="GROUPTC_PY",
-                   help="another grouptc.py (an earlier commit's): the step, sweep and render sections time it in the "
+                   help="another grouptc.py (an earlier commit's): the step and render sections time it in the "
                         "same rotation of blocks, for figures side by side")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks for the step section")
@@ -416,10 +334,6 @@ def main():
     if "step" in args.only:
         flags = ["--compile"] * args.compile + ["--eager"] * args.eager
         results["step"] = bench_step(device, flags, args.blocks, args.block_steps, args.dataset, baseline)
-    if "sweep" in args.only:
-        flags = ["--eager"] * args.eager
-        results["sweep"] = bench_sweep(device, flags, args.sizes, args.models, args.blocks, args.block_steps,
-                                       args.dataset, baseline)
     if "render" in args.only:
         results["render"] = bench_render(device, baseline)
     if "gather" in args.only:

@@ -2,21 +2,24 @@
 
     python docs/cpu_study_30k/results.py        # from the repository's folder
 
-`python grouptc.py --summarize` over the 15 runs of 30,000 steps and the 3,000-step study's runs of the same five
+`python compare.py summarize` over the 15 runs of 30,000 steps and the 3,000-step study's runs of the same five
 settings (docs/cpu_study/runs) gives the tables per setting at both lengths; below them come each run's scores at
 step 3,000 (its own scores.csv) and every metric at step 30,000. The figures (Figure 4, scores over training) show the
 30,000-step runs.
 """
+import contextlib
 import csv
+import io
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))
+import compare  # noqa: E402
 SHORT = HERE.parent / "cpu_study" / "runs"
 # Runs whose first 3,000 steps were not (all) trained on the AVX2 processor of the 3,000-step study (plan.md): at
 # step 3,000 they are other draws of their seeds than that study's runs.
@@ -73,19 +76,16 @@ def main(out=HERE):
                 for f in ("config.json", "metrics.json", "scores.csv"):
                     if (src / f).exists():
                         shutil.copy(src / f, dst / f)
-        done = subprocess.run([sys.executable, str(REPO / "grouptc.py"), "--summarize", tmp], capture_output=True,
-                              text=True)
-        if done.returncode != 0:
-            raise SystemExit(done.stderr)
-        table = (Path(tmp) / "results.md").read_text().splitlines()
+        with contextlib.redirect_stdout(io.StringIO()):  # the table is below; not on the terminal too
+            table = compare.summarize(tmp, Path(tmp) / "summary")[3:]  # without its mark and title
         for fig in ("figure4_dsprites_procedural.png", "scores_dsprites_procedural.png"):
-            shutil.copy(Path(tmp) / fig, out / fig)
+            shutil.copy(Path(tmp) / "summary" / fig, out / fig)
     lines = [f"# Results: the 30,000-step CPU study ({len(runs)} runs) beside the same settings' runs of the "
              "3,000-step study", "",
              "Written by `python docs/cpu_study_30k/results.py` from the committed runs. Means of each setting's "
              "seeds (at 3,000 steps the 3,000-step study's runs; at 30,000 this study's), every metric, then each "
              "seed's MIG and group-MIG in seed order:", ""] + compact_table(runs) + [
-             "", "What `python grouptc.py --summarize` writes for the runs of both studies:", ""] + table[1:] + [
+             "", "What `python compare.py summarize` writes for the runs of both studies:", ""] + table + [
         "", "## Each run of 30,000 steps", "",
         "MIG and group-MIG at step 3,000 are the run's own (its scores.csv); the rest at step 30,000 (metrics.json). "
         "Marked \\*: at step 3,000 another draw of its seed than the 3,000-step study's run (trained in part on an "
