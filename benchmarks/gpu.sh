@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # GPU figures for the README, in sections (SECTIONS, default all of them, in this order):
-#   step   the step benchmark with the CUDA graph and eagerly (bf16 autocast both), renderers and gather on the GPU
-#   tests  the CLI's smoke tests on CUDA
-#   run    one real 10,000-step group-tcVAE run, timed
-#   sweep  sweeps of S = 1, 8, 32, 64, 128 runs against single runs, every model (issue 12, item 4)
-#   alone  a sweep's run against the same run trained alone (2,000 steps, bf16; issue 12, item 3)
+#   step     the step benchmark with the CUDA graph and eagerly (bf16 autocast both), renderers and gather on the GPU
+#   tests    the CLI's smoke tests on CUDA
+#   run      one real 10,000-step group-tcVAE run, timed
+#   per_gpu  PER_GPU = 1, 2, 4, 8, 16 (PER_GPU_LIST) concurrent group-tcVAE processes on one GPU: run-steps/s in all,
+#            GPU memory and host RSS per process (benchmarks/gpu_grid.sh's calibration at each; CAL_S seconds each
+#            once all have started, default 20: about 5 minutes in all by estimate, not yet timed)
 # Results go to RESULTS (default gpu_results/); on the device machine, where $OUT is what comes back (8 files at
 # most), they are packed into $OUT/gpu_results.tar.gz, with every log and table also in $OUT/gpu_results.txt.
-# The paper's grid at GPU scale is benchmarks/gpu_grid.sh; after it, on a
-# machine still warm: SECTIONS="sweep alone" bash benchmarks/gpu.sh (3-4 minutes by estimate; not yet timed).
+# The paper's grid at GPU scale is benchmarks/gpu_grid.sh. A dry run of per_gpu on the CPU, tiny:
+#   SECTIONS=per_gpu DEVICE=cpu PER_GPU_LIST="1 2" CAL_S=1 CAL_LOG=1 bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST=${OUT:-}
 OUT=${RESULTS:-gpu_results}
-SECTIONS=" ${SECTIONS:-step tests run sweep alone} "
+SECTIONS=" ${SECTIONS:-step tests run per_gpu} "
+DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 on() { [[ $SECTIONS == *" $1 "* ]]; }
@@ -31,26 +33,11 @@ if on run; then
   cp "$OUT/run_gtc/metrics.json" "$OUT/run_gtc_metrics.json" 2>/dev/null
   rm -rf "$OUT/run_gtc"
 fi
-if on sweep; then
-  python3 benchmarks/bench.py --device cuda --only sweep --sizes 1 8 32 64 128 --blocks 5 --block-steps 20 --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log"
-fi
-if on alone; then
-  common="--model group_tcvae --dataset dsprites_procedural --steps 2000 --log-every 250 --eval-samples 2000"
-  rm -rf "$OUT/sweep" "$OUT/alone"
-  python3 grouptc.py $common --seed 0,1 --gamma 1,8 --out "$OUT/sweep" 2>&1 | tail -n 3
-  python3 grouptc.py $common --seed 1 --gamma 8 --out "$OUT/alone" 2>&1 | tail -n 3
-  python3 - "$OUT" <<'PY' | tee "$OUT/sweep_vs_alone.txt"
-import csv, sys
-out = sys.argv[1]
-rows = lambda p: list(csv.DictReader(open(p)))
-a = rows(f"{out}/sweep/group_tcvae_dsprites_procedural_beta10_gamma8_gs2_tc-inter_seed1/log.csv")
-b = rows(f"{out}/alone/log.csv")
-print("relative difference, sweep's run vs the run alone, per logged term")
-for ra, rb in zip(a, b):
-    diffs = {k: abs(float(ra[k]) - float(rb[k])) / max(abs(float(rb[k])), 1e-3) for k in ra if k not in ("step", "ms_per_step")}
-    print(ra["step"], " ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
-PY
-  rm -rf "$OUT/sweep" "$OUT/alone"  # checkpoints and figures: too many files to bring back
+if on per_gpu; then
+  rm -rf "$OUT/per_gpu_runs"
+  MEASURE="${PER_GPU_LIST:-1 2 4 8 16}" DEVICE=$DEVICE RUNS_DIR="$OUT/per_gpu_runs" OUT="$OUT/per_gpu" \
+    bash benchmarks/gpu_grid.sh 2>&1 | tee "$OUT/per_gpu.log"
+  rm -rf "$OUT/per_gpu_runs"  # checkpoints: too many files to bring back
 fi
 if [ -n "$DEST" ] && [ "$DEST" != "$OUT" ]; then
   tar -czf "$DEST/gpu_results.tar.gz" -C "$OUT" .

@@ -1,158 +1,155 @@
 #!/usr/bin/env bash
-# gpu_grid.sh: the paper's comparison at GPU scale in one device command of about 9 minutes (issue 12).
+# gpu_grid.sh: the paper's comparison at GPU scale in one device command of about 9 minutes (issues 12, 41), as
+# run_paper.sh's single-run processes, PER_GPU at a time on one GPU.
 #
-# Trains on one GPU, as sweeps (one process per model and TC level, every run of it trained together):
-#   group-tcVAE  beta {10, 40} x gamma {1, 8, 32} at each level in TC_LEVELS  (12 runs a level at 2 seeds)
-#   MLVAE, GVAE  beta {1, 4, 16}                                            (6 runs each at 2 seeds)
-# for as many steps as fit in TRAIN_S seconds at the speed measured first, then evaluates and summarises them.
-#
-#   1. Calibrate (skipped when RUNS_DIR/plan.env exists): benchmarks/time_sweeps.py times CAL_STEPS steps of
-#      every process after its warm-up, first all at once (one process each, timing together), then one after
-#      another (in one process). The faster way is chosen, and STEPS = TRAIN_S / (its ms per step of every run),
-#      rounded down to QUANTUM, at most MAX_STEPS. The choice goes into RUNS_DIR/plan.env and gpu_grid.txt.
-#   2. Train every process to STEPS (concurrently or in turn, as chosen), with a checkpoint every fifth of the
-#      way. At DEADLINE_S seconds after the start they are sent SIGTERM: they write checkpoints and stop, and
+# The grid (run_paper.sh's, on DATASET, each setting at SEEDS, default 0 1; 16 runs a seed):
+#   group-tcVAE  beta GTC_BETAS {10, 40} x gamma GTC_GAMMAS {1, 8, 32} at TC inter, and at the other TC_LEVELS (full)
+#                at beta 10, gamma 8 (run_paper.sh's ablation)
+#   MLVAE, GVAE, Ada-GVAE (ADA_MODELS)  beta BASE_BETAS {1, 4, 16}
+# for as many steps as fit in TRAIN_S seconds at the speed measured first, scored with MIG and group-MIG (METRICS:
+# compare.py's scores too, on the GPU's time).
+#   1. Calibrate (skipped when RUNS_DIR/plan.env exists): PER_GPU (default 4: the best of benchmarks/gpu.sh's
+#      per_gpu, once measured, belongs here) group-tcVAE processes (CAL_MODEL, the slowest model) train at
+#      once, each a run of its own in RUNS_DIR/calibrate/; once each has logged twice (start-up and CUDA graph
+#      capture done), their log.csv rows of the next CAL_S seconds give each one's ms per step, then they get
+#      SIGTERM. STEPS = TRAIN_S / (the slowest one's ms per step x the rounds of PER_GPU runs in the grid), rounded
+#      down to QUANTUM, at least QUANTUM, at most MAX_STEPS; into RUNS_DIR/plan.env and gpu_grid.txt.
+#   2. Train: run_paper.sh with PER_GPU (JOBS on the CPU) and STEPS into RUNS_DIR/grid, checkpointing every fifth of
+#      the way. At DEADLINE_S seconds after the start it gets SIGTERM: every run writes its checkpoint and stops, and
 #      running this script again (same RUNS_DIR, e.g. the next command on a still-warm machine) continues them.
-#   3. Once every run has its metrics.json: python grouptc.py --summarize, then results to $OUT (at most 8 files
-#      come back from a device command): gpu_grid.txt (GPU, calibration, plan, timings), results.md, and
-#      gpu_grid.tar.gz (every run's config.json, log.csv, metrics.json, figures and the summary's figures;
-#      no checkpoints).
+#      run_paper.sh ends with compare.py summarize once every run is finished.
+#   3. Results to $OUT (at most 8 files come back from a device command): gpu_grid.txt (GPU, calibration, plan,
+#      timings), results.md, and gpu_grid.tar.gz (every run's config.json, log.csv, scores.csv, metrics.json and
+#      figures, the logs and the summary; no checkpoints).
+# MEASURE="1 2 4 8 16" bash benchmarks/gpu_grid.sh measures the calibration at each PER_GPU in turn (throughput of
+# concurrent group-tcVAE processes, GPU memory and host memory per process) into gpu_grid.txt, and stops there.
 #
 # Usage:  bash benchmarks/gpu_grid.sh                       # on a machine with a CUDA GPU
-#         DEVICE=cpu CAL_STEPS=2 WARMUP=2 QUANTUM=2 MAX_STEPS=8 TRAIN_S=20 SEEDS=0 GTC_BETAS=10 GTC_GAMMAS=8 \
-#           BASE_BETAS=1 EVAL_SAMPLES=300 RUNS_DIR=/tmp/gg OUT=/tmp/gg_out bash benchmarks/gpu_grid.sh   # tiny, CPU
+#         DEVICE=cpu PER_GPU=1 CAL_S=1 CAL_LOG=1 QUANTUM=2 MAX_STEPS=2 TRAIN_S=5 SEEDS=0 ONLY_MODELS=gvae \
+#           BASE_BETAS=1 EVAL_SAMPLES=100 RUNS_DIR=/tmp/gg OUT=/tmp/gg_out bash benchmarks/gpu_grid.sh   # tiny, CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
-START=$(date +%s)
-PYTHON=${PYTHON:-python3}
+START=$SECONDS
+read -ra PY <<<"${PYTHON:-python3}"
 OUT=${OUT:-gpu_grid_results}
 RUNS_DIR=${RUNS_DIR:-runs/gpu_grid}
 DATASET=${DATASET:-dsprites_procedural}
 DEVICE=${DEVICE:-cuda}
-SEEDS=${SEEDS:-0 1}
-GTC_BETAS=${GTC_BETAS:-10 40}
-GTC_GAMMAS=${GTC_GAMMAS:-1 8 32}
-BASE_BETAS=${BASE_BETAS:-1 4 16}
-TC_LEVELS=${TC_LEVELS:-inter full}
-CAL_STEPS=${CAL_STEPS:-200}
-WARMUP=${WARMUP:-10}
+PER_GPU=${PER_GPU:-4}
+CAL_S=${CAL_S:-20}
+CAL_LOG=${CAL_LOG:-250}
+CAL_MODEL=${CAL_MODEL:-group_tcvae}
 TRAIN_S=${TRAIN_S:-270}
 DEADLINE_S=${DEADLINE_S:-450}
 MAX_STEPS=${MAX_STEPS:-300000}
 QUANTUM=${QUANTUM:-1000}
-EVAL_SAMPLES=${EVAL_SAMPLES:-10000}
 export PYTHONUNBUFFERED=1
 die() { echo "gpu_grid.sh: $*" >&2; exit 2; }
-for v in CAL_STEPS WARMUP TRAIN_S DEADLINE_S MAX_STEPS QUANTUM; do
-  [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, got '${!v}'"
+for v in PER_GPU CAL_S CAL_LOG TRAIN_S DEADLINE_S MAX_STEPS QUANTUM; do
+  [[ ${!v} =~ ^[1-9][0-9]{0,8}$ ]] || die "$v must be a positive whole number, got '${!v}'"
 done
 mkdir -p "$OUT" "$RUNS_DIR" || die "cannot create $OUT or $RUNS_DIR"
 REPORT=$OUT/gpu_grid.txt
 say() { echo "$*" | tee -a "$REPORT" >&2; }
-elapsed() { echo $(( $(date +%s) - START )); }
+GRID=(env -u PER_GPU -u GPUS -u JOBS -u PER_TASK -u TCVAE_SETTINGS -u DRY_RUN -u COUNT -u SLURM_ARRAY_TASK_ID
+      DATASETS="$DATASET" SEEDS="${SEEDS:-0 1}" TCVAE_BETAS="${GTC_BETAS:-10 40}" TCVAE_GAMMAS="${GTC_GAMMAS:-1 8 32}"
+      TC_LEVELS="${TC_LEVELS:-inter full}" ABLATION_BETA=10 ABLATION_GAMMA=8 BASE_BETAS="${BASE_BETAS:-1 4 16}"
+      MLVAE_BETAS="${BASE_BETAS:-1 4 16}" GVAE_BETAS="${BASE_BETAS:-1 4 16}" ADA_MODELS="${ADA_MODELS:-ada_gvae}"
+      ADA_BETAS="${BASE_BETAS:-1 4 16}" PAIRS=groups GROUP_SIZES=2
+      DEVICE="$DEVICE" EVAL_SAMPLES="${EVAL_SAMPLES:-10000}" RUNS_DIR="$RUNS_DIR/grid" METRICS="${METRICS:-}"
+      PYTHON="${PYTHON:-python3}")
+[ -z "${ONLY_MODELS:-}" ] || GRID+=(ONLY_MODELS="$ONLY_MODELS")
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi";
-  $PYTHON -c "import torch, numba; print('torch', torch.__version__, 'numba', numba.__version__)"; } |
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  "${PY[@]}" -c "from importlib.metadata import version as v; print('torch', v('torch'), 'numba', v('numba'))"; } |
   tee -a "$REPORT" >&2
 
-csv_list() { echo "${1// /,}"; }
-grid=$RUNS_DIR/grid
-# One process per model and TC level: NAME and its flags.
-NAMES=() FLAGS=()
-for tc in $TC_LEVELS; do
-  NAMES+=("group_tcvae_tc-$tc")
-  FLAGS+=("--model group_tcvae --tc-level $tc --beta $(csv_list "$GTC_BETAS") --gamma $(csv_list "$GTC_GAMMAS")")
-done
-for m in mlvae gvae; do NAMES+=("$m"); FLAGS+=("--model $m --beta $(csv_list "$BASE_BETAS")"); done
-SHARE=$(( $(nproc) / ${#NAMES[@]} )); [ "$SHARE" -ge 1 ] || SHARE=1  # CPU threads of each process run at once
-
-train() {  # train STEPS EXTRA MODE: every process into $grid/NAME, MODE together|in_turn, stopped at DEADLINE_S
-  local steps=$1 extra=$2 mode=$3 i pids=() rc=0 cmd left
-  for i in "${!NAMES[@]}"; do
-    left=$(( DEADLINE_S - $(elapsed) ))
-    [ "$left" -gt 5 ] || { rc=1; break; }
-    cmd="timeout -s TERM -k 120 $left $PYTHON grouptc.py ${FLAGS[$i]} --dataset $DATASET --seed $(csv_list "$SEEDS") \
---device $DEVICE --steps $steps $extra --out $grid/${NAMES[$i]} --resume"
-    mkdir -p "$grid/${NAMES[$i]}"
-    if [ "$mode" = together ]; then
-      OMP_NUM_THREADS=$SHARE $cmd >>"$grid/${NAMES[$i]}/stdout.log" 2>&1 &
-      pids+=($!)
-    else
-      $cmd >>"$grid/${NAMES[$i]}/stdout.log" 2>&1 || rc=1
-    fi
-  done
-  for i in "${pids[@]}"; do wait "$i" || rc=1; done
-  return $rc
-}
-
-if [ -f "$RUNS_DIR/plan.env" ]; then
-  source "$RUNS_DIR/plan.env"
-  say "plan from $RUNS_DIR/plan.env: STEPS=$STEPS MODE=$MODE (continuing)"
-else
-  sets=()
-  for i in "${!NAMES[@]}"; do
-    sets+=("${FLAGS[$i]} --dataset $DATASET --seed $(csv_list "$SEEDS") --device $DEVICE")
-  done
-  barrier=$RUNS_DIR/barrier
-  rm -rf "$barrier"
-  t0=$(date +%s)
-  pids=()
-  for i in "${!sets[@]}"; do
-    OMP_NUM_THREADS=$SHARE $PYTHON benchmarks/time_sweeps.py --steps "$CAL_STEPS" --warmup "$WARMUP" \
-      --barrier "$barrier" --parties ${#sets[@]} "${sets[$i]}" \
-      >"$RUNS_DIR/calibrate.together.$i" &
+gpu_mib() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -n 1; }
+calibrate() {  # calibrate P: P processes of CAL_MODEL at once -> MS (the slowest one's ms per step) and a report line
+  local p=$1 dir=$RUNS_DIR/calibrate i pids=() rows0=() rows1=() t=0 mib0 mib1 rss=0
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  mib0=$(gpu_mib)
+  for ((i = 0; i < p; i++)); do
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / p > 1 ? $(nproc) / p : 1 ))} "${PY[@]}" grouptc.py \
+      --model "$CAL_MODEL" --dataset "$DATASET" --device "$DEVICE" --seed "$i" --steps 1000000000 \
+      --log-every "$CAL_LOG" --checkpoint-every 1000000000 --eval-samples 100 --out "$dir/$i" >"$dir/$i.log" 2>&1 &
     pids+=($!)
   done
-  for pid in "${pids[@]}"; do wait "$pid" || die "calibration (all at once) failed"; done
-  t1=$(date +%s)
-  $PYTHON benchmarks/time_sweeps.py --steps "$CAL_STEPS" --warmup "$WARMUP" "${sets[@]}" \
-    >"$RUNS_DIR/calibrate.in_turn" ||
-    die "calibration (one after another) failed"
-  t2=$(date +%s)
-  together=($(for i in "${!sets[@]}"; do cut -f2 "$RUNS_DIR/calibrate.together.$i"; done))
-  in_turn=($(cut -f2 "$RUNS_DIR/calibrate.in_turn"))
-  [ ${#together[@]} -eq ${#sets[@]} ] && [ ${#in_turn[@]} -eq ${#sets[@]} ] || die "calibration printed no times"
-  # All at once, a step of every process takes the slowest one's time; one after another, their times add up.
-  read -r MODE MS STEPS <<<"$($PYTHON - "${together[*]}" "${in_turn[*]}" "$TRAIN_S" "$QUANTUM" "$MAX_STEPS" <<'PY'
-import sys
-together, in_turn = ([float(v) for v in a.split()] for a in sys.argv[1:3])
-train_s, quantum, max_steps = float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-mode, ms = min(("together", max(together)), ("in_turn", sum(in_turn)), key=lambda m: m[1])
-print(mode, f"{ms:.3f}", min(max(int(train_s * 1000 / ms) // quantum * quantum, quantum), max_steps))
+  rows() { local i; for ((i = 0; i < p; i++)); do { wc -l <"$dir/$i/log.csv"; } 2>/dev/null || echo 0; done; }
+  until [ "$(rows | sort -n | head -n 1)" -ge 3 ]; do  # a header and two rows each
+    for i in "${pids[@]}"; do
+      kill -0 "$i" 2>/dev/null || { cat "$dir"/*.log >&2; die "calibration: a process ended"; }
+    done
+    [ $(( t++ )) -lt 6000 ] || { kill "${pids[@]}"; die "calibration: no steady rows after 10 minutes"; }
+    sleep 0.1
+  done
+  mapfile -t rows0 < <(rows)
+  sleep "$CAL_S"
+  mapfile -t rows1 < <(rows)
+  mib1=$(gpu_mib)
+  for i in "${pids[@]}"; do rss=$(( rss + $(ps -o rss= -p "$i" || echo 0) )); done
+  kill -TERM "${pids[@]}"
+  wait
+  read -r MS LINE < <("${PY[@]}" - "$dir" "$p" "${rows0[*]}" "${rows1[*]}" "${mib0:-}" "${mib1:-}" "$rss" <<'PY'
+import csv, sys
+folder, p, rows0, rows1, mib0, mib1, rss = sys.argv[1:]
+ms = []
+for i, (a, b) in enumerate(zip(map(int, rows0.split()), map(int, rows1.split()))):
+    rows = list(csv.DictReader(open(f"{folder}/{i}/log.csv")))
+    rows = rows[a - 1:b - 1] or rows[-1:]  # the rows logged in the window (else the last)
+    ms.append(sum(float(r["ms_per_step"]) for r in rows) / len(rows))
+p = int(p)
+gpu = f"{(int(mib1) - int(mib0)) / p:.0f} MiB GPU memory" if mib0 and mib1 else "GPU memory n/a"
+print(f"{max(ms):.3f} PER_GPU={p}: ms/step per process {' '.join(f'{m:.2f}' for m in ms)}; "
+      f"{sum(1000 / m for m in ms):.0f} run-steps/s in all; {gpu} and {int(rss) / 1024 / p:.0f} MiB host RSS per "
+      "process")
 PY
-)"
-  say "calibration: $CAL_STEPS steps of each process (${NAMES[*]}) after warm-up, ms per step:"
-  say "  all at once:       ${together[*]}  ($((t1 - t0)) s with start-up)"
-  say "  one after another: ${in_turn[*]}  ($((t2 - t1)) s with start-up)"
-  say "  -> $MODE: $MS ms per step of every run; STEPS=$STEPS fit in TRAIN_S=$TRAIN_S s"
-  printf 'STEPS=%s\nMODE=%s\n' "$STEPS" "$MODE" >"$RUNS_DIR/plan.env"
+)
+  [[ $MS =~ ^[0-9.]+$ ]] || die "calibration: no ms per step in $dir/*/log.csv (see $dir/*.log)"
+  say "  $LINE"
+}
+
+if [ -n "${MEASURE:-}" ]; then
+  say "concurrent $CAL_MODEL processes on one device ($DEVICE), each timed over CAL_S=$CAL_S s once all had started:"
+  for p in $MEASURE; do
+    [[ $p =~ ^[1-9][0-9]{0,3}$ ]] || die "MEASURE lists '$p': not a number of processes"
+    calibrate "$p"
+  done
+  exit 0
+fi
+if [ -f "$RUNS_DIR/plan.env" ]; then
+  read -r STEPS < <(sed -n 's/^STEPS=\([0-9]*\)$/\1/p' "$RUNS_DIR/plan.env")
+  [[ ${STEPS:-} =~ ^[1-9][0-9]*$ ]] || die "$RUNS_DIR/plan.env holds no STEPS; remove it to calibrate again"
+  say "plan from $RUNS_DIR/plan.env: STEPS=$STEPS (continuing)"
+else
+  RUNS=$("${GRID[@]}" COUNT=1 bash run_paper.sh) || die "run_paper.sh refused the grid's settings"
+  say "calibration: $PER_GPU $CAL_MODEL processes at once on $DEVICE, timed over CAL_S=$CAL_S s:"
+  calibrate "$PER_GPU"
+  ROUNDS=$(( (RUNS + PER_GPU - 1) / PER_GPU ))
+  STEPS=$("${PY[@]}" -c "import sys; t, ms, r, q, m = map(float, sys.argv[1:])
+print(int(min(max(t * 1000 / ms / r // q * q, q), m)))" "$TRAIN_S" "$MS" "$ROUNDS" "$QUANTUM" "$MAX_STEPS")
+  say "  -> $RUNS runs in $ROUNDS rounds of $PER_GPU: STEPS=$STEPS fit in TRAIN_S=$TRAIN_S s"
+  printf 'STEPS=%s\n' "$STEPS" >"$RUNS_DIR/plan.env"
 fi
 
-left=$(( DEADLINE_S - $(elapsed) ))
+left=$(( DEADLINE_S - (SECONDS - START) ))
 [ "$left" -gt 10 ] || die "no time left before DEADLINE_S=$DEADLINE_S for training; run again to continue"
 every=$(( STEPS / 5 > QUANTUM ? STEPS / 5 / QUANTUM * QUANTUM : STEPS ))
-t0=$(date +%s)
-say "training ${NAMES[*]} to $STEPS steps ($MODE), until at most $DEADLINE_S s after the start (DEADLINE_S)," \
+if [ "$DEVICE" = cpu ]; then GRID+=(JOBS="$PER_GPU"); else GRID+=(PER_GPU="$PER_GPU"); fi
+say "training to $STEPS steps, $PER_GPU at a time, until at most $DEADLINE_S s after the start (DEADLINE_S)," \
   "checkpoints every $every steps"
-if train "$STEPS" "--log-every $(( STEPS / 20 > 0 ? STEPS / 20 : 1 )) --checkpoint-every $every \
---eval-samples $EVAL_SAMPLES" "$MODE"; then
-  say "trained and evaluated in $(( $(date +%s) - t0 )) s"
-else
-  say "not every process finished in $(( $(date +%s) - t0 )) s (deadline, or an error: see $grid/*/stdout.log);" \
-    "run this script again to continue from the checkpoints"
-fi
-for name in "${NAMES[@]}"; do
-  tail -n 1 "$grid/$name/stdout.log" 2>/dev/null | sed "s|^|  $name: |" | tee -a "$REPORT" >&2
-done
-
-n_runs=$(find "$grid" -name config.json 2>/dev/null | wc -l)
-n_done=$(find "$grid" -name metrics.json 2>/dev/null | wc -l)
-say "$n_done of $n_runs runs evaluated; $(elapsed) s since this script started"
-if [ "$n_done" -gt 0 ] && [ "$n_done" -eq "$n_runs" ]; then
-  $PYTHON grouptc.py --summarize "$grid" 2>&1 | tail -n 2 >&2
-  cp "$grid/results.md" "$OUT/results.md" 2>/dev/null
-fi
-tar -czf "$OUT/gpu_grid.tar.gz" --exclude=checkpoint.pt --exclude=.lock -C "$RUNS_DIR" \
-  plan.env $(cd "$RUNS_DIR" && ls -d grid calibrate.* 2>/dev/null)
+t0=$SECONDS
+timeout -s TERM -k 120 "$left" "${GRID[@]}" STEPS="$STEPS" CHECKPOINT_EVERY="$every" bash run_paper.sh 2>&1 |
+  tee -a "$RUNS_DIR/run_paper.log" >&2
+rc=${PIPESTATUS[0]}
+say "run_paper.sh exited with status $rc after $(( SECONDS - t0 )) s (0: every run finished and summarised; 124" \
+  "or 130: the deadline stopped it, run this script again to continue; see $RUNS_DIR/run_paper.log)"
+n_runs=$(find "$RUNS_DIR/grid" -name config.json 2>/dev/null | wc -l)
+n_done=$(grep -lsE "^ *\"steps\": $STEPS,?\$" "$RUNS_DIR"/grid/*/*/metrics.json | wc -l)
+say "$n_done of $n_runs runs evaluated at $STEPS steps; $(( SECONDS - START )) s since this script started"
+cp "$RUNS_DIR/grid/summary/results.md" "$OUT/results.md" 2>/dev/null
+tar -czf "$OUT/gpu_grid.tar.gz" --exclude=checkpoint.pt --exclude=codes.npz --exclude=.lock -C "$RUNS_DIR" \
+  plan.env run_paper.log grid
 say "wrote $OUT/gpu_grid.tar.gz ($(du -h "$OUT/gpu_grid.tar.gz" | cut -f1))"
-[ "$n_done" -eq "$n_runs" ] && [ "$n_runs" -gt 0 ]
+[ "$rc" -eq 0 ] && [ "$n_done" -eq "$n_runs" ] && [ "$n_runs" -gt 0 ]
