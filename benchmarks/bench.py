@@ -61,20 +61,28 @@ def load_code(path):
 
 
 def make_steps(code, argv, device):
-    """The runs `argv` asks for, built by `code` (this grouptc or an earlier one) -> (trainer, its full training
-    step, a bare step: the same networks' update on one fixed batch, without sampling, rendering or bookkeeping)."""
-    if hasattr(code, "expand"):  # this version: Sweep of Runs, train_step()
+    """The run `argv` asks for, built by `code` (this grouptc or an earlier one) -> (run, its full training step as
+    the training loop takes it (a fresh batch, then train_step(); on CUDA replayed as one graph unless --eager), a
+    bare step: the same networks' update on one fixed batch, without sampling, rendering or bookkeeping)."""
+    if hasattr(code, "Sweep"):  # an earlier version: a Sweep of Runs (before one process trained one run)
         sweep = code.Sweep(code.build_runs(code.expand(code.parse_args(argv))))
-        run, a = sweep.runs[0], sweep.runs[0].args
-        classes, shares = run.sample()
-        x = run.data.images(classes.flatten(0, 1)).view(*classes.shape[:2], run.data.channels, 64, 64)
-        bare = lambda: code.train_step(run.vae, run.D, run.vae_opt, run.d_opt, x, shares, a.model, a.beta,  # noqa
-                                       a.gamma, a.content_dims, a.tc_level, run.model_gen, device.type == "cuda")
-        return sweep, sweep.train_step, bare
-    args = code.finish_args(code.parse_args(argv))  # up to commit ad36552: Run of stacked weights, update()
-    run = code.Run(code.sweep_members(args) if args.sweep else [args], device)
-    batch = run.sample_batch()
-    return run, run.train_step, lambda: run.update(*batch)
+        run, full = sweep.runs[0], sweep.train_step
+    else:
+        args = code.parse_args(argv)
+        run, names = code.build_run(args), code.MODELS[args.model].terms
+
+        def full():
+            classes, shares = run.sample()
+            terms = code.train_step(run.vae, run.D, run.vae_opt, run.d_opt, run.images(classes), shares, **run.hyper)
+            return torch.stack([terms[n] for n in names])
+        if device.type == "cuda" and not args.eager:
+            full = code.CudaGraphStep(full, [run.data_gen, run.model_gen], device)
+    a = run.args
+    classes, shares = run.sample()
+    x = run.data.images(classes.flatten(0, 1)).view(*classes.shape[:2], run.data.channels, 64, 64)
+    bare = lambda: code.train_step(run.vae, run.D, run.vae_opt, run.d_opt, x, shares, a.model, a.beta,  # noqa
+                                   a.gamma, a.content_dims, a.tc_level, run.model_gen, device.type == "cuda")
+    return run, full, bare
 
 
 def bench_step(device, flags, blocks, block_steps, dataset, baseline=None):
@@ -89,7 +97,7 @@ def bench_step(device, flags, blocks, block_steps, dataset, baseline=None):
             steps[name] = full
             if name == "this":
                 steps["bare"] = bare
-        for _ in range(10 if "--compile" not in flags else 30):  # warm-up (CUDA graph capture, compilation)
+        for _ in range(10):  # warm-up (CUDA graph capture)
             for fn in steps.values():
                 fn()
         times = {name: [] for name in steps}
@@ -316,7 +324,6 @@ def main():
                    help="another grouptc.py (an earlier commit's): the step and render sections time it in the "
                         "same rotation of blocks, for figures side by side")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks for the step section")
     p.add_argument("--eager", action="store_true", help="on CUDA, no CUDA graph for the step section")
     p.add_argument("--dataset", default="dsprites_procedural", help="data set of the step section")
     p.add_argument("--blocks", type=int, default=7, help="alternating timed blocks per model (step section)")
@@ -327,12 +334,12 @@ def main():
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"grouptc benchmarks on {name}; torch {torch.__version__}" +
-          (", bf16 autocast" if device.type == "cuda" else "") + (", compiled" if args.compile else "") +
+          (", bf16 autocast" if device.type == "cuda" else "") +
           (", CUDA graph" if device.type == "cuda" and not args.eager else ""), flush=True)
-    results = {"device": name, "torch": torch.__version__, "compile": args.compile, "eager": args.eager}
+    results = {"device": name, "torch": torch.__version__, "eager": args.eager}
     baseline = load_code(args.baseline) if args.baseline else None
     if "step" in args.only:
-        flags = ["--compile"] * args.compile + ["--eager"] * args.eager
+        flags = ["--eager"] * args.eager
         results["step"] = bench_step(device, flags, args.blocks, args.block_steps, args.dataset, baseline)
     if "render" in args.only:
         results["render"] = bench_render(device, baseline)
