@@ -339,3 +339,37 @@ def test_the_gpu_grid_script_runs_whole_on_the_cpu(tmp_path):
     again = run(DEADLINE_S="1")  # its plan read back, not measured again; no time left to train: it says so
     assert again.returncode == 2 and "STEPS=2 (continuing)" in again.stderr
     assert "no time left before DEADLINE_S=1" in again.stderr and "calibration" not in again.stderr
+
+
+def study_commands(page):
+    """The `VAR=value ... bash run_paper.sh` commands of a docs page's shell blocks (continued lines joined) -> their
+    variables."""
+    commands, joined, fence = [], "", False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            fence = not fence
+            continue
+        if not fence:
+            continue
+        joined += line.rstrip("\\").strip() + " "
+        if line.endswith("\\"):
+            continue
+        words = shlex.split(joined.partition("#")[0]) if "run_paper.sh" in joined else []
+        if words[-2:] == ["bash", "run_paper.sh"] and all("=" in w for w in words[:-2]):
+            commands.append(dict(w.split("=", 1) for w in words[:-2]))
+        joined = ""
+    return commands
+
+
+@pytest.mark.parametrize("study", ["cpu_study", "cpu_study_30k"])
+def test_the_studies_commands_list_the_runs_they_say(tmp_path, study):
+    """A study page's commands, given to today's run_paper.sh, list exactly the runs committed under docs/STUDY/runs
+    (whose names leave out the data set), so that a reader can run a study again as written."""
+    names = []
+    for env in study_commands(HERE / "docs" / study / "README.md"):
+        env = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+        done = run_paper(env | {"RUNS_DIR": str(tmp_path / "r"), "DRY_RUN": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        names += [Path(shlex.split(line)[-1]).name for line in done.stdout.splitlines()]
+    committed = sorted(p.name for p in (HERE / "docs" / study / "runs").iterdir() if p.is_dir())
+    assert names and sorted(n.replace("_dsprites_procedural", "") for n in names) == committed
