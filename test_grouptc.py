@@ -1380,7 +1380,10 @@ def readme_python_block(title):
 
 
 def test_the_readme_library_example_runs_as_written(tmp_path):
-    done = subprocess.run([sys.executable, "-c", readme_python_block("Use it in your own code")], cwd=HERE,
+    """From a folder outside the clone, with the clone on PYTHONPATH as the README says, and beside a folder named
+    grouptc (the clone's own name, seen from the folder above it), which must not shadow the module."""
+    (tmp_path / "grouptc").mkdir()
+    done = subprocess.run([sys.executable, "-c", readme_python_block("Use it in your own code")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(HERE)})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
@@ -1543,3 +1546,144 @@ def test_pairs_are_checked_against_the_model(tmp_path, capsys):
         assert gt.main([*BASE, *flags, "--out", str(tmp_path / "r")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------- trying to break it, round 2 (issue 44)
+def test_d1_seeds_a_generator_cannot_tell_apart_are_refused(capsys):
+    assert torch.Generator().manual_seed(2 ** 32).initial_seed() != 0 or True  # torch keeps the seed...
+    a = torch.rand(3, generator=torch.Generator().manual_seed(2 ** 32))
+    assert torch.equal(a, torch.rand(3, generator=torch.Generator().manual_seed(0)))  # ...but draws as seed 0
+    assert gt.main(["--model", "gvae", *BASE, "--seed", str(2 ** 32)]) == 2
+    assert "--seed must be a whole number from 0 to 2,147,483,647" in capsys.readouterr().err
+    assert gt.check_args(gt.parse_args(["--seed", str(gt.MAX_SEED)]))  # the largest: its model seed still < 2^32
+    assert gt.MAX_SEED + 1_000_003 < 2 ** 32
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "3000000"], ["--latent-dim", "1000000000"]])
+def test_d2_a_run_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, capsys, monkeypatch, flags):
+    built = []
+    monkeypatch.setattr(gt, "load_dataset", lambda *a, **k: built.append(a))
+    assert gt.main(["--model", "group_tcvae", *BASE, *flags, "--out", str(tmp_path / "run")]) == 2
+    assert "this run needs about" in capsys.readouterr().err
+    assert built == [] and not (tmp_path / "run").exists()
+
+
+def test_d6_a_single_point_factor_grid_is_refused_before_training(tmp_path, capsys):
+    write_dsprites_npz(tmp_path / gt.DSPRITES_NPZ, np.zeros((1, 64, 64), np.uint8), np.zeros((1, 6), np.int64))
+    argv = ["--model", "gvae", "--dataset", "dsprites", "--data-dir", str(tmp_path), "--allow-subgrid",
+            "--eval-samples", "0", *TINY[:-2], "--out", str(tmp_path / "run")]
+    assert gt.main(argv) == 2
+    assert "factor grid is a single point" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_d7_the_lock_never_follows_a_symlink(tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(victim)
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(tmp_path / "run")]) == 2
+    assert ".lock is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "mine"
+
+
+def test_d8_a_folder_without_a_saved_run_is_never_resumed_into_the_defaults(tmp_path, capsys, monkeypatch):
+    (tmp_path / "run").mkdir()  # what a kill before config.json leaves: a folder and its lock
+    (tmp_path / "run" / ".lock").write_text("process 1 on host\n")
+    assert gt.main(["--resume", "--out", str(tmp_path / "run")]) == 2
+    assert "holds no saved run" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+
+    def interrupted(*a, **k):  # Ctrl-C while the data loads, before anything is written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gt, "load_dataset", interrupted)
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(tmp_path / "new")]) == 130
+    err = capsys.readouterr().err
+    assert "nothing to continue" in err and "--resume" not in err
+
+
+def test_d9_a_resume_keeps_the_runs_evaluation_points(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main_interrupted_at(3, ["--model", "gvae", *BASE, "--eval-every", "3", "--out", str(out)]) == 130
+    assert gt.main(["--resume", "--out", str(out), "--eval-samples", "400"]) == 2
+    assert "--eval-samples 400 differs from the run" in capsys.readouterr().err
+    assert gt.main(["--resume", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["eval_samples"] == 300
+    assert gt.main(["--eval-only", "--out", str(out), "--eval-samples", "400"]) == 0  # re-scoring may use others
+
+
+def test_d10_a_damaged_checkpoint_is_refused_and_nothing_is_rewritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    good = (out / "metrics.json").read_bytes()
+    import zipfile
+    with zipfile.ZipFile(out / "checkpoint.pt") as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)  # the largest weight record
+    data = bytearray((out / "checkpoint.pt").read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 64
+    data[start:start + 4] = bytes(255 - b for b in data[start:start + 4])
+    (out / "checkpoint.pt").write_bytes(bytes(data))
+    for flags in (["--eval-only"], ["--resume", "--steps", "9"]):
+        assert gt.main([*flags, "--out", str(out)]) == 2
+        assert "is damaged" in capsys.readouterr().err
+    assert (out / "metrics.json").read_bytes() == good
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("step", -5, "wrong: step"), ("step", True, "wrong: step"), ("log_count", "abc", "wrong: log_count"),
+    ("log_sum", torch.zeros(7), "running sums have shape (7,)"), ("train_seconds", None, "wrong: train_seconds"),
+    ("torch_threads", None, "lacks torch_threads")])
+def test_d11_every_checkpoint_field_is_checked(tmp_path, capsys, field, value, message):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "checkpoint.pt"}
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    if field == "torch_threads":
+        del checkpoint[field]  # an earlier version's checkpoint
+    else:
+        checkpoint[field] = value
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert gt.main(["--resume", "--out", str(out), "--steps", "9"]) == 2
+    assert message in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "checkpoint.pt"} == before
+
+
+def test_d12_a_stop_during_evaluation_stops_it_cleanly(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    good = (out / "metrics.json").read_bytes()
+    original = gt.mutual_info_and_entropy
+
+    def signalled(*a, **k):  # SIGINT arrives while the MI is computed
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(*a, **k)
+    monkeypatch.setattr(gt, "mutual_info_and_entropy", signalled)
+    assert gt.main(["--eval-only", "--out", str(out)]) == 130
+    assert "Continue with: python grouptc.py --eval-only" in capsys.readouterr().err
+    assert (out / "metrics.json").read_bytes() == good
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+@pytest.mark.parametrize("name", ["config.json", "metrics.json", "log.csv"])
+def test_d13_a_fifo_in_a_run_folder_is_refused_not_waited_on(tmp_path, capsys, name):
+    out = tmp_path / "run"
+    assert gt.main(["--model", "gvae", *BASE, "--out", str(out)]) == 0
+    (out / name).unlink()
+    os.mkfifo(out / name)
+    assert gt.main(["--resume", "--out", str(out), "--steps", "9"]) == 2  # returns: nothing opened the pipe
+    assert f"{out / name} is not a regular file" in capsys.readouterr().err
+
+
+def test_d14_a_path_that_is_not_text_is_refused_up_front(tmp_path, capsys):
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run\xff")
+    assert gt.main(["--model", "gvae", *BASE, "--out", out]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_discriminator_says_which_codes_it_takes():
+    D = gt.Discriminator(latent_dim=10)
+    assert D(torch.zeros(4, 10)).shape == (4, 2)
+    with pytest.raises(ValueError, match=r"takes codes \(N, 10\), got \(4, 6\)"):
+        D(torch.zeros(4, 6))
+    assert set(gt.__all__) <= set(dir(gt))  # the public API names what is there
