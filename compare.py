@@ -1,8 +1,5 @@
 """compare.py: what compares runs of grouptc.py: the field's other scores, and the summary of a grid of runs.
 
-grouptc.py trains, evaluates (MIG and group-MIG, the paper's scores) and draws one run; this file serves whoever runs
-a grid of them, beside run_paper.sh:
-
     python compare.py score RUN [RUN ...] [--metrics dci,sap,modularity,factor_vae]    # default: all four
     python compare.py summarize RUNS_DIR [--out DIR]                                    # default: RUNS_DIR/summary
 
@@ -11,23 +8,22 @@ counts, the scores added to RUN/metrics.json (the rest kept). summarize: results
 per setting, each seed, per factor) and Figures 4, 3(b), 3(c) and the scores over training, into --out; it writes
 over nothing but a results.md of its own (first line: MARK) and the figures beside it.
 
-The field's scores, a library (numpy + Numba): codes (N, L) encoder means, factors (N, K) integer classes; each
-returns a dict under the keys metrics.json uses; bad arguments raise ValueError / TypeError before any kernel runs.
+The field's scores (not the paper's, MIG and group-MIG; Locatello et al. 2020 report them all), a library of numpy
+and Numba: codes (N, L) encoder means, factors (N, K) integer classes; each returns a dict under metrics.json's keys;
+bad arguments raise ValueError / TypeError before any kernel runs. scikit-learn is a test dependency only.
     dci()               DCI (Eastwood & Williams 2018), DL's: sklearn's gradient-boosted trees per factor (here in
                         Numba, split for split, 20x+ faster); fitted on 10,000 points, scored on 5,000 others
     sap()               SAP (Kumar et al. 2018), DL's discrete form: sklearn's LinearSVC on each code, solved exactly;
                         10,000 / 5,000 points
     modularity()        modularity (Ridgeway & Mozer 2018) on MIG's 20-bin MI matrix of the 10,000 points
     factor_vae_score()  the FactorVAE score (Kim & Mnih 2018), DL's: 10,000 + 5,000 majority votes of 64 points each
-Not the paper's scores (it reports MIG and group-MIG); Locatello et al. 2020 report them all. scikit-learn is a
-test dependency only: the tests hold the trees and the SVM to it.
 """
 
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import csv
-import io
 import json
 import math
 import os
@@ -46,34 +42,35 @@ MARK = "<!-- written by compare.py summarize: it rewrites this file and the figu
 
 
 # === THE FIELD'S SCORES (numpy + Numba) ===============================================================================
-def _codes(x, name="codes"):
-    """A finite, non-empty real (N, L) array as float64; else TypeError / ValueError."""
-    x = np.asarray(x)
-    if x.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be real numbers, got an array of {x.dtype}")
-    if x.ndim != 2 or 0 in x.shape:
-        raise ValueError(f"{name} must be a non-empty (N, L) array, got shape {x.shape}")
-    if not np.isfinite(x).all():
+def _array(x, name="codes", n=None, ndim=2):
+    """Codes (n None): a finite, non-empty real (N, L) array, as float64. Classes: an integer array of n rows, (n, K)
+    or, ndim 1, (n,). Else TypeError / ValueError."""
+    x, codes = np.asarray(x), n is None
+    if x.dtype.kind not in ("biuf" if codes else "iu"):
+        raise TypeError(f"{name} must be {'real numbers' if codes else 'integer classes'}, got an array of {x.dtype}")
+    if x.ndim != ndim or 0 in x.shape:
+        raise ValueError(f"{name} must be a non-empty " + ("(N, L) array" if codes else "(N, K) integer array"
+                         if ndim == 2 else "(N,) integer array") + f", got shape {x.shape}")
+    if not codes and len(x) != n:
+        raise ValueError(f"{name} has {len(x)} rows for {n} codes: one row per code")
+    if codes and not np.isfinite(x).all():
         raise ValueError(f"{name} hold {x.size - np.isfinite(x).sum()} NaN or infinite values")
-    return np.ascontiguousarray(x, np.float64)
+    return np.ascontiguousarray(x, np.float64) if codes else x
 
 
-def _classes_of(f, n, name="factors", ndim=2):
-    """An integer array of n rows: (n, K >= 1) or, ndim 1, (n,); else TypeError / ValueError."""
-    f = np.asarray(f)
-    if f.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integer classes, got an array of {f.dtype}")
-    if f.ndim != ndim or 0 in f.shape[1:]:
-        raise ValueError(f"{name} must be an {'(N, K)' if ndim == 2 else '(N,)'} integer array, got shape {f.shape}")
-    if len(f) != n:
-        raise ValueError(f"{name} has {len(f)} rows for {n} codes: one row per code")
-    return f
+def _whole(name, value, low, high=math.inf):
+    """value if it is a whole number (not a bool) in low..high, else ValueError."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number " + (f">= {low}" if high == math.inf else f"from {low} to "
+                         f"{high:,}") + f", got {value!r}")
+    return int(value)
 
 
 def _check_points(codes, factors, test_codes, test_factors, min_codes, min_factors, what):
     """DCI's or SAP's training and test points, checked (shapes, lengths, columns, finite codes, integer factors)."""
-    codes, test_codes = _codes(codes), _codes(test_codes, "test_codes")
-    factors, test_factors = _classes_of(factors, len(codes)), _classes_of(test_factors, len(test_codes), "test_factors")
+    codes, test_codes = _array(codes), _array(test_codes, "test_codes")
+    factors = _array(factors, "factors", len(codes))
+    test_factors = _array(test_factors, "test_factors", len(test_codes))
     if test_codes.shape[1] != codes.shape[1] or test_factors.shape[1] != factors.shape[1]:
         raise ValueError(f"test points must have the columns of the training points: codes {codes.shape[1]} and "
                          f"{test_codes.shape[1]}, factors {factors.shape[1]} and {test_factors.shape[1]}")
@@ -84,25 +81,19 @@ def _check_points(codes, factors, test_codes, test_factors, min_codes, min_facto
 
 
 def _threads():
-    """OMP_NUM_THREADS where it is a whole number, else the cores this process may use."""
+    """OMP_NUM_THREADS where it is a whole number > 0, else the cores this process may use."""
     text = os.environ.get("OMP_NUM_THREADS", "")
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(text) if text.isdigit() and int(text) > 0 else cores
 
 
 # --- Gradient-boosted trees (sklearn's GradientBoostingClassifier(), in Numba) and DCI --------------------------------
-_KERNELS = []  # the Numba kernels below: plain Python until _compile_kernels() compiles them
-
-
-def _numba(f):
-    _KERNELS.append(f.__name__)
-    return f
+_KERNELS = ["_best_splits", "_partition", "_fit_tree", "_gbt", "_l2svm", "_linear_svc"]  # below
 
 
 def _compile_kernels():
-    """numba.njit every kernel marked @_numba, once (cached on disk), in place of its Python definition; kept out
-    of `import compare`, which stays fast."""
+    """numba.njit the _KERNELS, once (cached on disk), in place of their Python definitions: `import compare` stays
+    fast."""
     if _KERNELS:
         import numba
         for name in _KERNELS:
@@ -114,13 +105,11 @@ _EPS = np.finfo(np.float64).eps
 _TIE = np.float32(1e-7)  # sklearn's FEATURE_THRESHOLD: values closer than this (in float32 arithmetic) are one value
 
 
-@_numba
 def _best_splits(idx, v, g, b, e, total, inv, top, top_at, top_sl, sl):
-    """Best squared-error split, per feature j, of a node whose samples idx[j, 2p] (p in b..e-1) are sorted by their
-    values v[j, 2p + 1] (the int32 and float32 views of the packed words, see _fit_tree): the maximum of sklearn's
-    proxy sum_l^2 / n_l + sum_r^2 / n_r over the positions p between two values more than 1e-7 apart (in float32,
-    as sklearn); the first maximum wins. -> top[j] (-inf: no candidate), top_at[j] = p, top_sl[j] = sum_l;
-    sl: scratch. All the features in one sweep: their running sums are independent chains, run in parallel."""
+    """Per feature j, the best squared-error split of a node whose samples idx[j, 2p] (p in b..e-1) are sorted by
+    their values v[j, 2p + 1]: the first maximum of sklearn's proxy sum_l^2 / n_l + sum_r^2 / n_r over the p between
+    values more than 1e-7 apart (float32) -> top[j] (-inf: none), top_at[j] = p, top_sl[j] = sum_l; sl: scratch.
+    All the features in one sweep: their running sums are independent chains, run in parallel."""
     L = idx.shape[0]
     for j in range(L):
         top[j], top_at[j], top_sl[j], sl[j] = -np.inf, -1, 0.0, g[idx[j, 2 * b]]
@@ -136,7 +125,6 @@ def _best_splits(idx, v, g, b, e, total, inv, top, top_at, top_sl, sl):
             sl[j] = s + g[idx[j, 2 * p]]
 
 
-@_numba
 def _partition(words, idx, out, left, b, e, r):
     """Stable partition of the packed words[b:e] (sample idx[2p]) into out[b:r] (samples with left[s]) and out[r:e]."""
     l = b
@@ -148,18 +136,13 @@ def _partition(words, idx, out, left, b, e, r):
         r += 1 - go
 
 
-@_numba
 def _fit_tree(x, words, g, h, leaf_scale, max_depth, feat, thr, val, imp, node, work, left, inv):
-    """Grow one regression tree of depth <= max_depth on the negative gradient g as sklearn's
-    DecisionTreeRegressor(splitter="best", criterion="squared_error") does: exact greedy splits, thresholds at
-    midpoints between sorted values more than 1e-7 apart, no split of a node with < 2 samples or variance <= eps.
-    Nodes in heap order (children of n: 2n+1, 2n+2). x (N, L) float32; words (L, N) int64: per feature, the samples
-    sorted by it, each an 8-byte word holding the sample's index (int32 view, even slots) and value (float32 view,
-    odd slots); one sort serves every tree. Leaf value = leaf_scale * sum(g) / sum(h), h = p (1 - p): sklearn's
-    Newton step. Fills feat (-1: leaf), thr, val; adds each split's impurity decrease to imp; node <- each sample's
-    leaf. work (2, L, N) int64, left (N,) uint8: scratch; inv[n] = 1 / n.
-    Each node's samples stay sorted by every feature in one contiguous segment (stable partitions down the tree),
-    so a level costs one sweep and one partition: O(N L)."""
+    """One regression tree of depth <= max_depth on the negative gradient g, as sklearn's DecisionTreeRegressor(
+    splitter="best", criterion="squared_error") grows it, nodes in heap order (children of n: 2n+1, 2n+2). x (N, L)
+    float32; words: sorted_words(x), one sort for every tree. Leaf value leaf_scale * sum(g) / sum(h), h = p (1 - p):
+    sklearn's Newton step. Fills feat (-1: leaf), thr, val; adds each split's impurity decrease to imp; node <- each
+    sample's leaf. work, left: scratch; inv[n] = 1 / n. A node's samples stay sorted by every feature in one segment
+    (stable partitions down the tree): a level costs one sweep and one partition, O(N L)."""
     N, L = x.shape
     n_nodes = feat.shape[0]
     cnt, tot, mean, ss = np.zeros(n_nodes, np.int64), np.zeros(n_nodes), np.zeros(n_nodes), np.zeros(n_nodes)
@@ -225,30 +208,15 @@ def _fit_tree(x, words, g, h, leaf_scale, max_depth, feat, thr, val, imp, node, 
         val[n] = leaf_scale * num[n] / den[n] if cnt[n] > 0 and abs(den[n] / cnt[n]) >= 1e-150 else 0.0
 
 
-@_numba
-def _apply(x, feat, thr, val, out, scale):
-    """out[s] += scale * the value of the leaf (of one heap-ordered tree) that x[s] falls in."""
-    for s in range(x.shape[0]):
-        n = 0
-        while feat[n] >= 0:
-            n = 2 * n + 1 if x[s, feat[n]] <= thr[n] else 2 * n + 2
-        out[s] += scale * val[n]
-
-
-@_numba
 def _gbt(x, words, y, n_classes, x_test, seed, n_stages, learning_rate, max_depth):
-    """GradientBoostingClassifier() with log-loss. Init: the log prior odds (2 classes: one tree a stage, on the
-    logit) or the log priors minus their mean (K > 2: per stage one tree per class, all on the softmax gradients of
-    the stage's start; leaf values times (K - 1) / K). -> (L,) summed impurity decreases; (T, N) train and (T, M)
-    test raw predictions, T = 1 or K."""
+    """GradientBoostingClassifier(), log-loss, from the log prior odds (2 classes: a tree a stage) or the log priors
+    minus their mean (K > 2: a tree per class a stage, on the stage's softmax gradients, leaf values times
+    (K - 1) / K). -> (L,) summed impurity decreases; (T, N) train and (T, M) test raw scores, T = 1 or K."""
     np.random.seed(seed)
     N, L = x.shape
     T = 1 if n_classes == 2 else n_classes
     n_nodes = 2 ** (max_depth + 1) - 1
-    prior = np.zeros(n_classes)
-    for s in range(N):
-        prior[y[s]] += 1.0
-    prior = np.minimum(np.maximum(prior / N, _EPS), 1 - _EPS)  # sklearn clips the prior to [eps, 1 - eps]
+    prior = np.minimum(np.maximum(np.bincount(y, minlength=n_classes) / N, _EPS), 1 - _EPS)  # sklearn clips it
     raw, raw_test = np.empty((T, N)), np.empty((T, x_test.shape[0]))
     for k in range(T):
         raw[k] = math.log(prior[1] / (1 - prior[1])) if T == 1 else math.log(prior[k]) - np.log(prior).mean()
@@ -277,13 +245,17 @@ def _gbt(x, words, y, n_classes, x_test, seed, n_stages, learning_rate, max_dept
                       work, left, inv)
             for s in range(N):
                 raw[k, s] += learning_rate * val[node[s]]
-            _apply(x_test, feat, thr, val, raw_test[k], learning_rate)
+            for s in range(x_test.shape[0]):  # the test points down the tree
+                n = 0
+                while feat[n] >= 0:
+                    n = 2 * n + 1 if x_test[s, feat[n]] <= thr[n] else 2 * n + 2
+                raw_test[k, s] += learning_rate * val[n]
     return imp, raw, raw_test
 
 
 def sorted_words(x):
-    """x (N, L) float32 -> (L, N) int64: per feature, the samples sorted by it, each as one word packing the sample's
-    index (the int32 view's even slots) and its value (the float32 view's odd slots)."""
+    """x (N, L) float32 -> (L, N) int64: per feature, the samples sorted by it, each word packing the sample's index
+    (the int32 view's even slots) and its value (the float32 view's odd slots)."""
     order = np.argsort(x, axis=0, kind="stable").T
     words = np.empty(order.shape, np.int64)
     words.view(np.int32)[:, 0::2] = order
@@ -297,28 +269,30 @@ def _float32(codes, name):
     return np.ascontiguousarray(codes, dtype=np.float32)
 
 
-def gbt_classifier(codes, labels, test_codes, seed=0, n_stages=100, learning_rate=0.1, max_depth=3, words=None):
-    """Fit sklearn's GradientBoostingClassifier() (defaults: 100 stages, depth 3, rate 0.1, log-loss, subsample 1,
-    min_samples_split 2, min_samples_leaf 1; friedman_mse picks the same splits as squared error, which sklearn
-    1.9.1 uses) on codes (N, L) and labels (N,) in 0..C-1 (C >= 2, all present). Codes are rounded to float32 as
-    sklearn does. seed only breaks exact ties between features (sklearn: random_state).
-    feature_importances_ = the trees' summed impurity decreases, normalised to sum 1 (sklearn averages the trees'
-    unnormalised importances, then normalises: the same).
-    words: sorted_words() of the float32 codes, when the caller fits several classifiers on them.
-    -> (feature_importances_ (L,), train predictions (N,), test predictions (M,)), predictions as label indices."""
-    codes, test_codes = _codes(codes), _codes(test_codes, "test_codes")
-    labels = _classes_of(labels, len(codes), "labels", ndim=1)
+def gbt_classifier(codes, labels, test_codes, seed=0, n_stages=100, learning_rate=0.1, max_depth=3):
+    """sklearn's GradientBoostingClassifier() (100 stages, depth 3, rate 0.1, log-loss, subsample 1, min_samples_split
+    2, min_samples_leaf 1; friedman_mse picks squared error's splits, as sklearn 1.9.1 does) fitted on codes (N, L),
+    rounded to float32 as sklearn does, and labels (N,) in 0..C-1 (C >= 2, all present); seed breaks exact ties
+    between features only (sklearn: random_state). -> (feature_importances_ (L,): the summed impurity decreases,
+    normalised to sum 1, as sklearn's; train predictions (N,); test predictions (M,)), as label indices."""
+    codes, test_codes = _array(codes), _array(test_codes, "test_codes")
+    labels = _array(labels, "labels", len(codes), 1)
     if test_codes.shape[1] != codes.shape[1] or labels.min() < 0 or labels.max() < 1 \
             or len(np.unique(labels)) != labels.max() + 1:
         raise ValueError("labels must be 0..C-1, every one present, C >= 2; test_codes the columns of codes")
+    if not 0 < learning_rate < math.inf:
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
     x = _float32(codes, "codes")
-    words = sorted_words(x) if words is None else words
-    _compile_kernels()
-    imp, raw, raw_test = _gbt(x, words, np.ascontiguousarray(labels, dtype=np.int64), int(labels.max()) + 1,
-                              _float32(test_codes, "test_codes"), seed, n_stages, learning_rate, max_depth)
+    return _boost(x, sorted_words(x), labels, _float32(test_codes, "test_codes"), _whole("seed", seed, 0, 2 ** 32 - 1),
+                  _whole("n_stages", n_stages, 1, 10 ** 6), learning_rate, _whole("max_depth", max_depth, 1, 20))
 
-    def predict(r):  # sklearn: class 1 when raw >= 0 (binary), else argmax
-        return (r[0] >= 0).astype(np.int64) if len(r) == 1 else r.argmax(0)
+
+def _boost(x, words, y, x_test, seed, n_stages=100, learning_rate=0.1, max_depth=3):
+    """gbt_classifier() on checked float32 codes x, x_test and words = sorted_words(x) (dci sorts once for all)."""
+    _compile_kernels()
+    imp, raw, raw_test = _gbt(x, words, np.ascontiguousarray(y, dtype=np.int64), int(y.max()) + 1, x_test, seed,
+                              n_stages, learning_rate, max_depth)
+    predict = lambda r: (r[0] >= 0).astype(np.int64) if len(r) == 1 else r.argmax(0)  # noqa: E731 (sklearn's)
     return (imp / imp.sum() if imp.sum() > 0 else imp), predict(raw), predict(raw_test)
 
 
@@ -331,7 +305,7 @@ def _entropy(p, base):
 def dci_from_importance(R):
     """DL's disentanglement and completeness of an (L codes, K factors) importance matrix: 1e-11 added, entropies in
     base K (per code) and base L (per factor), weighted by the code's / factor's share of R (uniform if R = 0)."""
-    R = _codes(R, "the importance matrix")
+    R = _array(R, "the importance matrix")
     L, K = R.shape
     if L < 2 or K < 2 or R.min() < 0:
         raise ValueError(f"an importance matrix is non-negative and at least 2 x 2 (entropies in base L, K): {R.shape}")
@@ -354,40 +328,33 @@ def dci(codes, factors, test_codes, test_factors, seed=0, threads=None):
     on test_codes (5,000 others): per factor, GradientBoostingClassifier() on (codes, factor), R[:, k] = its
     feature_importances_; disentanglement and completeness of R as dci_from_importance; informativeness: the mean
     over factors of the test accuracy (_train: of the training accuracy). A factor with a single train class (sklearn
-    refuses it) gets R[:, k] = 0 and the constant prediction. L >= 2 codes, K >= 2 factors. Fitted on `threads`
-    threads (default _threads(); the kernels release the GIL), which do not change the result.
-    -> {dci_disentanglement, dci_completeness, dci_informativeness, dci_informativeness_train: floats,
-        dci_importance: R (L, K)}"""
+    refuses it) gets R[:, k] = 0 and the constant prediction. L >= 2 codes, K >= 2 factors; seed + k breaks factor
+    k's ties. Fitted on `threads` threads (default _threads(); the kernels release the GIL): the same result.
+    -> {dci_disentanglement, dci_completeness, dci_informativeness, dci_informativeness_train, dci_importance: R}"""
     codes, factors, test_codes, test_factors = _check_points(codes, factors, test_codes, test_factors, 2, 2, "DCI")
     L, K = codes.shape[1], factors.shape[1]
-    words = sorted_words(_float32(codes, "codes"))  # one sort of the codes serves every factor's trees
-    _float32(test_codes, "test_codes")
+    x, x_test, seed = _float32(codes, "codes"), _float32(test_codes, "test_codes"), _whole("seed", seed, 0, 2 ** 32 - K)
+    words = sorted_words(x)  # one sort of the codes serves every factor's trees
 
     def fit(k):
         C, y, y_test = _classes(factors[:, k], test_factors[:, k])
-        if C < 2:
-            r, p, p_test = np.zeros(L), np.zeros(len(y), np.int64), np.zeros(len(y_test), np.int64)
-        else:
-            r, p, p_test = gbt_classifier(codes, y, test_codes, seed + k, words=words)
+        r, p, p_test = _boost(x, words, y, x_test, seed + k) if C > 1 else (np.zeros(L), 0 * y, 0 * y_test)
         return r, np.mean(p == y), np.mean(p_test == y_test)
     _compile_kernels()
     order = sorted(range(K), key=lambda k: -len(np.unique(factors[:, k])))  # the costliest first
     with concurrent.futures.ThreadPoolExecutor(max(1, min(K, threads or _threads()))) as pool:
         fits = dict(zip(order, pool.map(fit, order)))
-    R = np.stack([fits[k][0] for k in range(K)], 1)
-    d, c = dci_from_importance(R)
-    return {"dci_disentanglement": d, "dci_completeness": c,
-            "dci_informativeness": float(np.mean([fits[k][2] for k in range(K)])),
-            "dci_informativeness_train": float(np.mean([fits[k][1] for k in range(K)])), "dci_importance": R}
+    R, train, test = zip(*(fits[k] for k in range(K)))
+    d, c = dci_from_importance(R := np.stack(R, 1))
+    return {"dci_disentanglement": d, "dci_completeness": c, "dci_informativeness": float(np.mean(test)),
+            "dci_informativeness_train": float(np.mean(train)), "dci_importance": R}
 
 
 # --- SAP: sklearn's LinearSVC(C=0.01, class_weight="balanced") on each single code, solved exactly --------------------
-@_numba
 def _l2svm(x, t, c):
     """argmin over (a, b) of 0.5 (a^2 + b^2) + sum_n c_n max(0, 1 - t_n (a x_n + b))^2, t = +-1: liblinear's
-    L2-regularised squared-hinge SVM with the intercept as a regularised constant feature. Newton steps with
-    backtracking; stops once a full step keeps the set of margin violators, where the piecewise-quadratic objective
-    is exactly minimised."""
+    L2-regularised squared-hinge SVM, the intercept a regularised constant feature. Newton steps with backtracking,
+    until a full step keeps the set of margin violators: there the piecewise quadratic is exactly minimised."""
     N = len(x)
     a, b = 0.0, 0.0
     active, prev = np.zeros(N, np.bool_), np.ones(N, np.bool_)
@@ -428,16 +395,12 @@ def _l2svm(x, t, c):
     return a, b
 
 
-@_numba
 def _linear_svc(x, y, n_classes, C):
     """LinearSVC(C, class_weight="balanced") on 1-D x, labels y in 0..n_classes-1 -> (coef (n), intercept (n)),
     n = 1 for two classes. Balanced weights w_c = N / (n_classes N_c). Two classes: one problem, class 1 positive,
     each sample's weight C w_y. More: liblinear's one-vs-rest, the positives (class c) C w_c, the negatives plain C."""
     N = len(x)
-    counts = np.zeros(n_classes)
-    for n in range(N):
-        counts[y[n]] += 1
-    w = N / (n_classes * counts)
+    w = N / (n_classes * np.bincount(y, minlength=n_classes))
     T = 1 if n_classes == 2 else n_classes
     coef, intercept = np.empty(T), np.empty(T)
     t, c = np.empty(N), np.empty(N)
@@ -453,10 +416,11 @@ def _linear_svc(x, y, n_classes, C):
 def linear_svc_1d(x, y, n_classes, C=0.01):
     """(coef_, intercept_) of sklearn's LinearSVC(C=C, class_weight="balanced") on the single feature x (N,),
     labels y (N,) in 0..n_classes-1 (all present, n_classes >= 2), at the exact optimum (liblinear stops at tol)."""
-    x = _codes(np.reshape(x, (-1, 1)), "x")[:, 0]
-    y = _classes_of(y, len(x), "y", ndim=1)
-    if n_classes < 2 or y.min() < 0 or y.max() != n_classes - 1 or len(np.unique(y)) != n_classes or not C > 0:
-        raise ValueError(f"y must hold every label 0..{n_classes - 1} (n_classes >= 2), C be positive")
+    x = _array(np.reshape(x, (-1, 1)), "x")[:, 0]
+    y = _array(y, "y", len(x), 1)
+    if n_classes < 2 or y.min() < 0 or y.max() != n_classes - 1 or len(np.unique(y)) != n_classes \
+            or not 0 < C < math.inf:
+        raise ValueError(f"y must hold every label 0..{n_classes - 1} (n_classes >= 2), C be a positive number")
     _compile_kernels()
     return _linear_svc(x, np.ascontiguousarray(y, np.int64), int(n_classes), float(C))
 
@@ -471,19 +435,15 @@ def sap_matrix(codes, factors, test_codes, test_factors, C=0.01):
     for k in range(K):
         n_classes, y, y_test = _classes(factors[:, k], test_factors[:, k])
         for i in range(L):
-            if n_classes < 2:
-                pred = np.zeros(len(y_test), np.int64)
-            else:
-                a, b = linear_svc_1d(codes[:, i], y, n_classes, C)
-                score = test_codes[:, i, None] * a + b
-                pred = (score[:, 0] > 0).astype(np.int64) if n_classes == 2 else score.argmax(1)
-            S[i, k] = np.mean(pred == y_test)
+            a, b = linear_svc_1d(codes[:, i], y, n_classes, C) if n_classes > 1 else (np.zeros(1), np.zeros(1))
+            score = test_codes[:, i, None] * a + b
+            S[i, k] = np.mean(((score[:, 0] > 0) if len(a) == 1 else score.argmax(1)) == y_test)
     return S
 
 
 def sap_from_matrix(S):
     """Mean over factors of the gap between the two largest entries of the factor's column of S (L >= 2)."""
-    S = _codes(S, "the SAP matrix")
+    S = _array(S, "the SAP matrix")
     if len(S) < 2:
         raise ValueError(f"SAP is a gap between two codes: it needs at least 2 code columns, got {len(S)}")
     top = np.sort(S, axis=0)
@@ -502,7 +462,7 @@ def sap(codes, factors, test_codes, test_factors):
 def modularity_from_matrix(mi):
     """DL's modularity of an (L, K >= 2) MI matrix: per code 1 - (sum_k m^2 - max_k m^2) / (max_k m^2 (K - 1)), 0
     for a code whose MI is all 0; mean over all codes."""
-    mi = _codes(mi, "the MI matrix")
+    mi = _array(mi, "the MI matrix")
     if mi.shape[1] < 2 or mi.min() < 0:
         raise ValueError(f"modularity needs a non-negative MI matrix of at least 2 factors, got shape {mi.shape}")
     sq = np.square(mi)
@@ -515,8 +475,8 @@ def modularity_from_matrix(mi):
 def modularity(codes, factors, n_bins=20):
     """DL's modularity (on 10,000 points) of the 20-bin MI matrix MIG uses (grouptc.mutual_info_and_entropy:
     numpy.histogram's equal-width bins per code, plug-in MI in nats). -> {modularity: float}"""
-    codes = _codes(codes)
-    mi = gt.mutual_info_and_entropy(codes, _classes_of(factors, len(codes)), n_bins)[0]
+    codes = _array(codes)
+    mi = gt.mutual_info_and_entropy(codes, _array(factors, "factors", len(codes)), n_bins)[0]
     return {"modularity": modularity_from_matrix(mi)}
 
 
@@ -532,17 +492,15 @@ def factor_vae_accuracy(train_factor, train_dim, eval_factor, eval_dim, n_factor
     """Majority-vote classifier: each dim predicts the factor that won most of its training votes (ties: the lowest
     factor index; a dim without votes: factor 0). -> (train accuracy, eval accuracy): the share of votes whose
     factor is the one their dim predicts."""
-    train, ev = np.zeros((n_factors, n_dims), np.int64), np.zeros((n_factors, n_dims), np.int64)
-    np.add.at(train, (train_factor, train_dim), 1)
-    np.add.at(ev, (eval_factor, eval_dim), 1)
+    train, ev = (np.bincount(np.asarray(f) * n_dims + d, minlength=n_factors * n_dims).reshape(n_factors, n_dims)
+                 for f, d in ((train_factor, train_dim), (eval_factor, eval_dim)))
     predict = train.argmax(0)
-    cols = np.arange(n_dims)
-    return float(train[predict, cols].sum() / train.sum()), float(ev[predict, cols].sum() / ev.sum())
+    return tuple(float(c[predict, np.arange(n_dims)].sum() / c.sum()) for c in (train, ev))
 
 
 def _encoded(encode, classes, L=None):
     """encode(classes), checked: finite codes, one row per point (of L dims)."""
-    codes = _codes(encode(classes), "the codes encode() returned")
+    codes = _array(encode(classes), "the codes encode() returned")
     if len(codes) != len(classes) or L not in (None, codes.shape[1]):
         raise ValueError(f"encode() returned codes of shape {codes.shape} for {len(classes)} points of {L} dims")
     return codes
@@ -551,17 +509,15 @@ def _encoded(encode, classes, L=None):
 def factor_vae_score(encode, factor_sizes, rng, n_train=10_000, n_eval=5_000, n_var=10_000, batch_size=64,
                      prune=0.05, votes_per_call=256, progress=None):
     """DL's FactorVAE score (its point counts are the defaults). encode: (M, K) int64 factor classes -> (M, L) codes
-    (the encoder means, a function of the classes); it is called on the n_var points, then on the votes' distinct
-    points, votes_per_call * batch_size at a time. rng: numpy Generator (or seed).
+    (the encoder means), called on the n_var points, then on the votes' distinct points, votes_per_call * batch_size
+    at a time; rng: numpy Generator (or seed); progress: None, or called with (points encoded, points to encode).
     Global var (ddof 1) of n_var uniform points; dims with std < prune are dropped (DL's study: 0.05; its function
     default: 0). A vote: factor k uniform; batch_size uniform factor vectors, column k set to the first row's value;
     argmin over active dims of var(ddof 1) / global var. Majority-vote classifier from n_train votes, scored on
     n_eval fresh ones. A point that recurs among the votes is encoded once (DL's counts on dSprites: about 537,000
-    distinct of 960,000), which gives the same score as long as a point's code does not depend on what else is in
-    its batch (on the CPU it did not, for the run checked). progress: None, or called with (points encoded, points
-    to encode) after each call.
-    -> {factor_vae_score: the eval accuracy (0 without an active dim), factor_vae_train_accuracy,
-        factor_vae_active_dims: how many dims are active}"""
+    distinct of 960,000): the same score while a point's code does not depend on the rest of its batch (on the CPU
+    it did not, for the run checked). -> {factor_vae_score: the eval accuracy (0 without an active dim),
+    factor_vae_train_accuracy, factor_vae_active_dims}"""
     if not callable(encode):
         raise TypeError(f"encode must be a function of factor classes, got {type(encode).__name__}")
     sizes = np.asarray(factor_sizes)
@@ -569,8 +525,7 @@ def factor_vae_score(encode, factor_sizes, rng, n_train=10_000, n_eval=5_000, n_
         raise ValueError(f"factor_sizes must be positive whole numbers, one per factor, got {factor_sizes!r}")
     for name, value, low in (("n_train", n_train, 1), ("n_eval", n_eval, 1), ("n_var", n_var, 2),
                              ("batch_size", batch_size, 2), ("votes_per_call", votes_per_call, 1)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+        _whole(name, value, low)
     if not isinstance(prune, (int, float)) or not 0 <= prune < math.inf:
         raise ValueError(f"prune must be a number >= 0, got {prune!r}")
     rng, sizes, K = np.random.default_rng(rng), sizes.astype(np.int64), len(sizes)
@@ -587,12 +542,15 @@ def factor_vae_score(encode, factor_sizes, rng, n_train=10_000, n_eval=5_000, n_
             f = rng.integers(0, sizes, (m, batch_size, K))
             f[np.arange(m), :, ks[-1]] = f[np.arange(m), 0, ks[-1]][:, None]
             batches.append(f.reshape(-1, K))
-    bases = np.cumprod((1, *sizes[:0:-1]))[::-1]  # a class vector's flat index: the last factor fastest
-    flat, where = np.unique(np.concatenate(batches) @ bases, return_inverse=True)  # the distinct points
+    points = np.concatenate(batches)
+    order = np.lexsort(points.T[::-1])  # sorted as their flat index would be (the last factor fastest), which may
+    points, where = points[order], np.empty(len(order), np.int64)  # not fit in 64 bits
+    new = np.r_[True, (points[1:] != points[:-1]).any(1)]
+    flat, where[order] = points[new], np.cumsum(new) - 1  # the distinct points; each vote point's row of them
     chunk = votes_per_call * batch_size
     codes = []
     for start in range(0, len(flat), chunk):
-        codes.append(_encoded(encode, flat[start:start + chunk, None] // bases % sizes, first.shape[1]))
+        codes.append(_encoded(encode, flat[start:start + chunk], first.shape[1]))
         if progress:
             progress(n_var + start + len(codes[-1]), n_var + len(flat))
     codes, where = np.concatenate(codes), where.reshape(n_train + n_eval, batch_size)
@@ -641,13 +599,24 @@ def _read(path):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _held(run):
+    """RUN/.lock locked as grouptc.py locks it while it trains or evaluates the run; UserError if a process holds it."""
+    with open(os.open(run / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)) as lock:
+        try:
+            gt.fcntl and gt.fcntl.flock(lock, gt.fcntl.LOCK_EX | gt.fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise gt.UserError(f"{_shown(run)} is in use by another process (grouptc.py, or another compare.py "
+                               "score); score it when that one is done") from None
+        yield
+
+
 def score_run(run, metrics=METRICS, data_dir=None):
     """Score the run in folder `run` on `metrics` (names of METRICS) as grouptc's evaluation did with --metrics:
     the encoder means of its metrics.json's points (random_points(data, eval_samples, seed + 7)); SAP and DCI fitted
     on them and tested on half as many others (seed + 8); modularity on their MI matrix; the FactorVAE score on
-    draws of its own (seed + 9). Adds the scores to run/metrics.json (written whole at once), keeping the rest.
-    data_dir: the official data files' folder, if not the run's own. -> the scores added."""
-    import torch
+    draws of its own (seed + 9). Adds the scores to run/metrics.json (written whole at once, the folder held),
+    keeping the rest. data_dir: the official data files' folder, if not the run's own. -> the scores added."""
     run = Path(run)
     path, checkpoint_path = run / "metrics.json", run / "checkpoint.pt"
     for p, what in ((checkpoint_path, "no checkpoint.pt, so no encoder to score"),
@@ -656,33 +625,50 @@ def score_run(run, metrics=METRICS, data_dir=None):
             raise gt.UserError(f"{_shown(run)}: {what}")
         if not os.path.isfile(p):
             raise gt.UserError(f"{_shown(p)} is not a regular file")
-    try:
-        saved = json.loads(_read(path))
-    except (OSError, ValueError) as error:
-        raise gt.UserError(f"could not read {_shown(path)} ({_why(error)})") from None
-    if not isinstance(saved, dict) or type(saved.get("steps")) is not int:
-        raise gt.UserError(f"{_shown(path)} is not a metrics.json of grouptc.py (no whole number of steps)")
-    checkpoint = gt.load_checkpoint(checkpoint_path)
-    if checkpoint["step"] != saved["steps"]:
-        raise gt.UserError(f"{_shown(run)}: its checkpoint is at step {checkpoint['step']:,}, its metrics.json at "
-                           f"step {saved['steps']:,}; evaluate it first (python grouptc.py --eval-only --out RUN)")
-    t0, a = time.perf_counter(), checkpoint["args"]
-    try:
-        data = gt.load_dataset(a["dataset"], data_dir or a["data_dir"], "cpu", a.get("allow_subgrid", False))
-        vae = gt.VAE(data.channels, a["latent_dim"])
-        vae.load_state_dict(checkpoint["vae"])
-        seed, n = int(a["seed"]), int(a["eval_samples"])
-    except (KeyError, TypeError, RuntimeError) as error:
-        raise gt.UserError(f"{_shown(checkpoint_path)}: its settings and weights make no VAE ({_why(error)})") from None
-    count = saved.get("eval_samples")  # the points metrics.json's scores are on (an --eval-only may change them)
-    if type(count) is int and count != (n or data.num_points):
-        n = 0 if count == data.num_points else count
+    with _held(run):
+        try:
+            saved = json.loads(_read(path))
+        except (OSError, ValueError) as error:
+            raise gt.UserError(f"could not read {_shown(path)} ({_why(error)})") from None
+        if not isinstance(saved, dict) or type(saved.get("steps")) is not int:
+            raise gt.UserError(f"{_shown(path)} is not a metrics.json of grouptc.py (no whole number of steps)")
+        checkpoint = gt.load_checkpoint(checkpoint_path)
+        if checkpoint["step"] != saved["steps"]:
+            raise gt.UserError(f"{_shown(run)}: its checkpoint is at step {checkpoint['step']:,}, its metrics.json at "
+                               f"step {saved['steps']:,}; evaluate it first (python grouptc.py --eval-only --out RUN)")
+        t0, a = time.perf_counter(), checkpoint["args"]
+        try:
+            data = gt.load_dataset(a["dataset"], data_dir or a["data_dir"], "cpu", a.get("allow_subgrid", False))
+            vae = gt.VAE(data.channels, a["latent_dim"])
+            vae.load_state_dict(checkpoint["vae"])
+            seed, n = _whole("seed", a["seed"], 0), _whole("eval_samples", a["eval_samples"], 0)
+        except gt.UserError:
+            raise
+        except (KeyError, TypeError, RuntimeError, ValueError) as error:
+            raise gt.UserError(f"{_shown(checkpoint_path)}: its settings and weights make no VAE ({_why(error)})") \
+                from None
+        count = saved.get("eval_samples")  # the points metrics.json's scores are on (an --eval-only may change them)
+        if type(count) is int and count > 0 and count != (n or data.num_points):
+            n = 0 if count == data.num_points else count
+        scores = _scores(vae, data, n, seed, metrics, saved.get("mig"), run)
+        done = saved["metrics"] if isinstance(saved.get("metrics"), list) else []
+        saved |= scores | {"metrics": list(dict.fromkeys(done + [m for m in METRICS if m in metrics])),
+                           "score_seconds": round(time.perf_counter() - t0, 3)}
+        gt.write_text_atomic(path, json.dumps(saved, indent=1, allow_nan=False) + "\n")
+    _err(f"{_shown(run)}: " + "  ".join(f"{SCORES[k]} {v:.4f}" for k, v in scores.items() if k in SCORES)
+         + "  -> metrics.json")
+    return scores
+
+
+def _scores(vae, data, n, seed, metrics, mig, run):
+    """score_run's scores of the encoder on n points of data (0: all) at seed + 7, as lists and numbers."""
+    import torch
     classes = gt.random_points(data, n, seed + 7)
     codes, factors = gt.encode_means(vae, data, classes), classes.cpu().numpy()
     if not np.isfinite(codes).all():
         raise gt.UserError(f"{_shown(run)}: the encoder gives NaN or infinite codes; nothing was scored")
     mi, H = gt.mutual_info_and_entropy(codes, factors)
-    if type(saved.get("mig")) is float and abs(gt.gap_score(gt.mig_gaps(mi), H) - saved["mig"]) > 1e-6:
+    if type(mig) is float and abs(gt.gap_score(gt.mig_gaps(mi), H) - mig) > 1e-6:
         _err(f"note: {_shown(run)}: MIG on these points is not its metrics.json's (evaluated on another device?)")
     scores = {"modularity": modularity_from_matrix(mi)} if "modularity" in metrics else {}
     if "sap" in metrics or "dci" in metrics:
@@ -695,14 +681,14 @@ def score_run(run, metrics=METRICS, data_dir=None):
         encode = lambda c: gt.encode_means(vae, data, torch.as_tensor(c), progress=False)  # noqa: E731
         scores |= factor_vae_score(encode, data.factor_sizes, seed + 9, **FACTOR_VAE, progress=lambda done, total:
                                    gt._progress("FactorVAE score, encoding", done, total))
-    scores = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in scores.items()}
-    done = saved["metrics"] if isinstance(saved.get("metrics"), list) else []
-    saved |= scores | {"metrics": list(dict.fromkeys(done + [m for m in METRICS if m in metrics])),
-                       "score_seconds": round(time.perf_counter() - t0, 3)}
-    gt.write_text_atomic(path, json.dumps(saved, indent=1, allow_nan=False) + "\n")
-    _err(f"{_shown(run)}: " + "  ".join(f"{SCORES[k]} {v:.4f}" for k, v in scores.items() if k in SCORES)
-         + "  -> metrics.json")
-    return scores
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in scores.items()}
+
+
+def _failure(error):
+    """The one line a UserError, a bad file (ValueError) or a failed write or read (OSError) is told in."""
+    if isinstance(error, OSError):
+        return f"error: could not write or read {_shown(error.filename or 'a file')}: {error.strerror or error}"
+    return f"error: {_shown(error)}"
 
 
 def score(runs, metrics=METRICS, data_dir=None):
@@ -711,10 +697,8 @@ def score(runs, metrics=METRICS, data_dir=None):
     for run in runs:
         try:
             score_run(run, metrics, data_dir)
-        except (gt.UserError, OSError, ValueError) as error:
-            where = getattr(error, "filename", None)
-            _err(f"error: could not write or read {_shown(where)}: {error.strerror or error}" if where else
-                 f"error: {error}")
+        except (OSError, ValueError) as error:
+            _err(_failure(error))
             failed += 1
     if failed:
         _err(f"{failed} of {len(runs)} runs not scored (above)")
@@ -743,6 +727,8 @@ TYPES = {"model": str, "dataset": str, "beta": (int, float), "gamma": (int, floa
          "group_size": int, "tc_level": str, "pairs": str, "k": (int, str), "batch_size": int, "latent_dim": int,
          "content_dims": int}
 TYPE_NAMES = {str: "a text", int: "a whole number", (int, float): "a number", (int, str): "a whole number or a text"}
+PER_FACTOR_FIELDS = (("sap", "sap_matrix"), ("dci_completeness", "dci_importance"))  # a score's (L, K) matrix
+BAD_FILE = (OSError, ValueError, KeyError, TypeError)  # what reading a malformed run's file raises
 
 
 def _number(x):
@@ -756,21 +742,19 @@ def _color(model):
     return gt.MODELS[model].color if model in gt.MODELS else free[zlib.crc32(_shown(model).encode()) % len(free)]
 
 
-def _model_order(model):
-    return (list(gt.MODELS).index(model) if model in gt.MODELS else len(gt.MODELS), model)
-
-
-def _dims(m):
-    """(latent dims, content dims) of a metrics.json (earlier ones: from the MI matrix) or a config's flags."""
-    if "latent_dim" not in m and "mi_matrix" in m:
-        return len(m["mi_matrix"]), len(m["content_latents"])
-    return m.get("latent_dim", DEFAULTS["latent_dim"]), m.get("content_dims", DEFAULTS["content_dims"])
+def _order(key):
+    """Sort key of a model's name or of a setting (or another tuple that starts with a label): the models in MODELS'
+    order (others after them), then by name and the rest."""
+    model = key if isinstance(key, str) else key[0].split()[0]
+    return list(gt.MODELS).index(model) if model in gt.MODELS else len(gt.MODELS), model, key
 
 
 def run_label(m):
     """How a run is named in the tables: its model, and each run-defining flag but beta, gamma and the seed where it
-    is not the paper's grid's (m: a metrics.json, or a config.json's flags)."""
-    latent, content = _dims(m)
+    is not the paper's grid's (m: a metrics.json, or a config.json's flags; an early metrics.json without its dims:
+    the MI matrix's)."""
+    latent, content = (len(m["mi_matrix"]), len(m["content_latents"])) if "latent_dim" not in m and "mi_matrix" in m \
+        else (m.get("latent_dim", DEFAULTS["latent_dim"]), m.get("content_dims", DEFAULTS["content_dims"]))
     default, chosen = gt.DEFAULT_CONTENT.get(m["dataset"]), gt.content_names(m)
     official, sizes = OFFICIAL_SIZES.get(m["dataset"].replace("_procedural", "")), tuple(m.get("factor_sizes") or ())
     tc, label = m.get("tc_level", "inter"), m["model"]
@@ -804,8 +788,7 @@ def on_paper_grid(m, any_group_size=False):
 
 
 def _check_run(m, metrics=True):
-    """An error (ValueError, KeyError, TypeError) that says what is wrong with a metrics.json (metrics=False: a
-    config.json's flags), if anything is."""
+    """An error (BAD_FILE) that says what is wrong with a metrics.json (metrics=False: a config.json's flags)."""
     if not isinstance(m, dict):
         raise ValueError(f"it holds a {type(m).__name__}, not an object")
     if metrics:
@@ -815,13 +798,16 @@ def _check_run(m, metrics=True):
                 and set(m["content_factors"]) <= set(m["factor_names"])
                 and all(type(i) is int and 0 <= i < len(mi) for i in m["content_latents"])
                 and (m.get("factor_sizes") is None or len(m["factor_sizes"]) == K
-                     and all(type(n) is int and n > 0 for n in m["factor_sizes"]))):
+                     and all(type(n) is int and n > 0 for n in m["factor_sizes"]))
+                and all(np.array(m[f], float).shape == mi.shape for k, f in PER_FACTOR_FIELDS if k in m)):
             raise ValueError("its MI matrix, factors or scores do not agree")
     for key, kind in TYPES.items():
         v = m.get(key)
         if (v is not None or key in REQUIRED) and (isinstance(v, bool) or not isinstance(v, kind)
                                                    or isinstance(v, float) and not math.isfinite(v)):
             raise ValueError(f"its {key} is {v!r}, not {TYPE_NAMES[kind]}")
+    if not all(m[k] and all(c.isalnum() or c in "_.-" for c in m[k]) for k in ("model", "dataset")):  # file names
+        raise ValueError(f"its model or dataset ({m['model']!r}, {m['dataset']!r}) is not a plain name")
     setting(m)  # its content factors and dims make a label
 
 
@@ -848,38 +834,31 @@ def load_runs(runs_dir):
     not evaluated at their --steps are left out, with a line each. -> (runs, unfinished: the flags of those)."""
     runs, unfinished, seen = [], [], {}
     for folder in [Path(runs_dir)] if _is_run(runs_dir) else runs_below(runs_dir):
-        path, config, flags = folder / "metrics.json", folder / "config.json", None
+        path, config, m = folder / "metrics.json", folder / "config.json", None
         try:
             flags = json.loads(_read(config)) if os.path.lexists(config) else None
             flags = flags if isinstance(flags, dict) and REQUIRED <= set(flags) else None  # else no run's config
             if flags:
                 _check_run(flags, metrics=False)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except BAD_FILE as error:
             _err(f"skipping {_shown(folder)}: its config.json is not one of grouptc.py ({_why(error)})")
             continue
-        if not os.path.lexists(path):
-            if flags:
-                _err(f"leaving out {_shown(folder)}: not evaluated yet (no metrics.json)")
-                unfinished.append(flags | {"path": folder})
-            continue
         try:
-            m = json.loads(_read(path))
-            _check_run(m)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            if os.path.lexists(path):
+                _check_run(m := json.loads(_read(path)))
+        except BAD_FILE as error:
             _err(f"skipping {_shown(path)}: not a metrics.json of grouptc.py ({_why(error)})")
             continue
-        m["path"] = folder
-        if flags and m["steps"] < flags["steps"]:
-            _err(f"leaving out {_shown(folder)}: evaluated at step {m['steps']:,} of its {flags['steps']:,}")
+        if flags and (m is None or m["steps"] < flags["steps"]):
+            _err(f"leaving out {_shown(folder)}: " + ("not evaluated yet (no metrics.json)" if m is None else
+                                                     f"evaluated at step {m['steps']:,} of its {flags['steps']:,}"))
             unfinished.append(flags | {"path": folder})
-            continue
-        key = (m["dataset"], setting(m), m.get("seed"))
-        if key in seen:
+        elif m is not None and (key := (m["dataset"], setting(m), m.get("seed"))) in seen:
             _err(f"{_shown(folder)} holds the same run as {_shown(seen[key])} (same settings, seed and steps): "
                  "counted once")
-            continue
-        seen[key] = folder
-        runs.append(m)
+        elif m is not None:
+            seen[key] = m["path"] = folder
+            runs.append(m)
     return runs, unfinished
 
 
@@ -918,17 +897,18 @@ def _stat(group, score, reduce):
     return f"{reduce(values):.3f}{some}" if values else "-"
 
 
-def _setting_order(key):
-    """Rows in the models' order, then by label and settings."""
-    return _model_order(key[0].split()[0]), key
-
-
 def unfinished_line(unfinished, title):
     """One line of results.md: the unfinished runs (their flags), counted per setting."""
     waiting = collections.Counter(setting(u) for u in unfinished)
     return f"{title}: " + "; ".join(
         f"{label}, beta {_number(beta)}, gamma {_number(gamma)}, {steps:,} steps: {n} run{'s' * (n > 1)}"
-        for (label, beta, gamma, steps), n in sorted(waiting.items(), key=lambda kv: _setting_order(kv[0]))) + "."
+        for (label, beta, gamma, steps), n in sorted(waiting.items(), key=lambda kv: _order(kv[0]))) + "."
+
+
+def _table(header, rows):
+    """A markdown table: the header's cells, the rule under them, each row's cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(map(str, row)) + " |" for row in rows]
 
 
 def results_table(rs, dataset, unfinished=()):
@@ -939,49 +919,37 @@ def results_table(rs, dataset, unfinished=()):
                if k in PAPER_SCORES or s == "mean"]  # the paper's scores in full, the others' means
     lines = [f"## {dataset}", "", f"Per model, pooling only the runs of the paper's grid ({GRID_TEXT}), as its "
              f"Figure 4 does: {len(grid)} of the {len(rs)} runs. The tables per setting below have every run.", ""]
-    if grid:
-        lines += ["| model | runs | steps | " + " | ".join(f"{SCORES[k]} {s}" for k, s, _ in columns) + " |",
-                  "|---|---|---|" + "---|" * len(columns)]
-    for model, steps in sorted({(m["model"], m["steps"]) for m in grid}, key=lambda key: (_model_order(key[0]), key)):
-        group = [m for m in grid if (m["model"], m["steps"]) == (model, steps)]
-        lines.append(f"| {model} | {len(group)} | {steps:,} | " + " | ".join(_stat(group, k, f) for k, _, f in columns)
-                     + " |")
-    head = "| model | beta | gamma | steps | "
-    by_setting = {key: sorted([m for m in rs if setting(m) == key], key=lambda m: m.get("seed", 0))
-                  for key in sorted({setting(m) for m in rs}, key=_setting_order)}
-    rows = [(f"{label} | {_number(beta)} | {_number(gamma)} | {steps:,}", group)
-            for (label, beta, gamma, steps), group in by_setting.items()]
-    lines += ["", "Per setting (mean over seeds):", "", head + "runs | " + " | ".join(f"{SCORES[k]} mean"
-                                                                                       for k in scores) + " |",
-              "|---|---|---|---|---|" + "---|" * len(scores)]
-    lines += [f"| {row} | {len(group)} | " + " | ".join(_stat(group, k, np.mean) for k in scores) + " |"
-              for row, group in rows]
-    lines += ["", "Each seed (the seeds' scores in the order of the seeds column; - where a run lacks the score):", "",
-              head + "seeds | " + " | ".join(SCORES[k] for k in scores) + " |",
-              "|---|---|---|---|---|" + "---|" * len(scores)]
-    lines += [f"| {row} | " + ", ".join(str(m.get("seed", "-")) for m in group) + " | " + " | ".join(
-        ", ".join(f"{m[k]:.3f}" if k in m else "-" for m in group) for k in scores) + " |" for row, group in rows]
+    models = {key: [m for m in grid if (m["model"], m["steps"]) == key]
+              for key in sorted({(m["model"], m["steps"]) for m in grid}, key=_order)}
+    lines += _table(["model", "runs", "steps"] + [f"{SCORES[k]} {s}" for k, s, _ in columns], [
+        [model, len(group), f"{steps:,}"] + [_stat(group, k, f) for k, _, f in columns]
+        for (model, steps), group in models.items()]) if grid else []
+    head = ["model", "beta", "gamma", "steps"]
+    rows = [([label, _number(beta), _number(gamma), f"{steps:,}"],
+             sorted([m for m in rs if setting(m) == key], key=lambda m: m.get("seed", 0)))
+            for key in sorted({setting(m) for m in rs}, key=_order) for label, beta, gamma, steps in [key]]
+    lines += ["", "Per setting (mean over seeds):", ""] + _table(
+        head + ["runs"] + [f"{SCORES[k]} mean" for k in scores],
+        [row + [len(group)] + [_stat(group, k, np.mean) for k in scores] for row, group in rows])
+    lines += ["", "Each seed (the seeds' scores in the order of the seeds column; - where a run lacks the score):",
+              ""] + _table(head + ["seeds"] + [SCORES[k] for k in scores], [
+                  row + [", ".join(str(m.get("seed", "-")) for m in group)]
+                  + [", ".join(f"{m[k]:.3f}" if k in m else "-" for m in group) for k in scores]
+                  for row, group in rows])
     if unfinished:
         lines += ["", unfinished_line(unfinished, "Unfinished (not counted above)")]
     names = rs[0]["factor_names"]
     for key in (k for k in scores if k in PER_FACTOR):
         for split in sorted({gt.content_names(m) for m in rs}):  # one table per content split: its columns' marks
+            scored = [(row, [m for m in group if key in m]) for row, group in rows]
             lines += ["", f"Per factor, mean over seeds (c: content factor, \\c: the others). {PER_FACTOR[key][1]}",
-                      "", head + " | ".join(("c: " if n in split else "\\c: ") + n for n in names) + " |",
-                      "|---|---|---|---|" + "---|" * len(names)]
-            for row, group in rows:
-                group = [m for m in group if key in m]
-                if group and gt.content_names(group[0]) == split:
-                    gaps = np.nanmean([PER_FACTOR[key][0](m) for m in group], axis=0)
-                    lines.append(f"| {row} | " + " | ".join(f"{g:.3f}" for g in gaps) + " |")
+                      ""] + _table(head + [("c: " if n in split else "\\c: ") + n for n in names], [
+                          row + [f"{g:.3f}" for g in np.nanmean([PER_FACTOR[key][0](m) for m in group], axis=0)]
+                          for row, group in scored if group and gt.content_names(group[0]) == split])
     return lines + [""]
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+_plt = gt._plt  # matplotlib.pyplot on the Agg backend
 
 
 def _figure(cols, width, height, rows=1):
@@ -1010,18 +978,20 @@ def _density(values, grid):
     return np.exp(-0.5 * ((grid[:, None] - values[None]) / bw) ** 2).sum(1) / (len(values) * bw * np.sqrt(2 * np.pi))
 
 
-def _legend(ax):
-    if ax.get_legend_handles_labels()[0]:  # an empty legend is a matplotlib warning
+def _finish(ax, xlabel, ylabel=""):
+    """Axis labels, and the legend where a line has a label (an empty legend is a matplotlib warning)."""
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
 
 
-def figure_4(rs, dataset, path):
+def figure_4(rs, dataset):
     """Figure 4: each score's density per model over the runs of the paper's grid, cut at the score's range; points
-    alone for a model with fewer than 3 runs. -> whether it was drawn."""
+    alone for a model with fewer than 3 runs. -> the figure, or None."""
     grid_runs = [m for m in rs if on_paper_grid(m)]
     scores = [k for k in sorted(SCORES, key=lambda k: k != "group_mig") if any(k in m for m in grid_runs)]
     if not grid_runs:
-        return False
+        return None
     cols = min(len(scores), 4)
     fig, axes = _figure(cols, 4.5, 3.3, rows=-(-len(scores) // cols))
     for ax in axes.flat[len(scores):]:
@@ -1029,7 +999,7 @@ def figure_4(rs, dataset, path):
     for ax, key in zip(axes.flat, scores):
         values, (lo, hi) = [m[key] for m in grid_runs if key in m], RANGE.get(key, (0.0, 1.0))
         grid = np.linspace(max(lo, min(values) - 0.05), min(hi, max(values) + 0.05), 300)  # never past the range
-        for model in sorted({m["model"] for m in grid_runs}, key=_model_order):
+        for model in sorted({m["model"] for m in grid_runs}, key=_order):
             v, color = [m[key] for m in grid_runs if m["model"] == model and key in m], _color(model)
             if len(v) >= 3:
                 ax.plot(grid, _density(v, grid), color=color, label=f"{model} (n={len(v)})")
@@ -1039,23 +1009,21 @@ def figure_4(rs, dataset, path):
                 ax.plot(v, np.zeros(len(v)), "o", color=color, ms=6, label=f"{model} (n={len(v)}, points)")
         ax.set_xlim(grid[0], grid[-1])
         ax.set_title(f"{SCORES[key]} ({len(values)} runs)", fontsize=9)
-        ax.set_xlabel(f"{SCORES[key]} (higher is better)")
-        _legend(ax)
+        _finish(ax, f"{SCORES[key]} (higher is better)")
     others = len(rs) - len(grid_runs)
     _title(fig, f"Figure 4, {dataset}: each score's density per model over the {len(grid_runs)} runs of the paper's "
                 "grid (group-tcVAE's beta x gamma at TC inter, the baselines' betas; group pairs)"
                 + (f"; {others} other runs not shown" if others else ""), 4.5 * cols)
-    save_figure(fig, path, 110)
-    return True
+    return fig
 
 
-def figure_3b(rs, dataset, path):
+def figure_3b(rs, dataset):
     """Figure 3(b): group-MIG of the content and of the non-content factors over the baselines' runs of the paper's
-    grid. -> whether it was drawn."""
+    grid. -> the figure, or None."""
     base = [m for m in rs if on_paper_grid(m) and gt.MODELS[m["model"]].baseline]
-    models = sorted({m["model"] for m in base}, key=_model_order)
+    models = sorted({m["model"] for m in base}, key=_order)
     if not base:
-        return False
+        return None
     fig, axes = _figure(1, max(5.5, 1.4 * len(models)), 3.6)
     ax, ticks = axes[0, 0], []
     for model in models:
@@ -1067,23 +1035,22 @@ def figure_3b(rs, dataset, path):
             ticks.append(f"{model}\n{name}")
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
-    ax.set_ylabel("group-MIG")
+    _finish(ax, "", "group-MIG")
     betas = ", ".join(_number(b) for b in sorted({m["beta"] for m in base}))
     _title(ax, f"Figure 3(b), {dataset}: group-MIG of the content vs the non-content factors\n(the baselines' "
                f"{len(base)} runs of the paper's grid, beta {betas})", fig.get_figwidth())
-    save_figure(fig, path, 110)
-    return True
+    return fig
 
 
-def figure_3c(rs, dataset, path):
+def figure_3c(rs, dataset):
     """Figure 3(c): the baselines' MIG against the observations per group, at the betas each model was run at with
     larger groups (its pairs at the same betas); drawn only with runs of two group sizes or more."""
     base = [m for m in rs if "mig" in m and on_paper_grid(m, any_group_size=True) and gt.MODELS[m["model"]].baseline]
     if len({m.get("group_size", 2) for m in base}) < 2:
-        return False
+        return None
     fig, axes = _figure(1, 5.5, 3.6)
     ax = axes[0, 0]
-    for model in sorted({m["model"] for m in base}, key=_model_order):
+    for model in sorted({m["model"] for m in base}, key=_order):
         own = [m for m in base if m["model"] == model]
         betas = {m["beta"] for m in own if m.get("group_size", 2) != 2} or {m["beta"] for m in own}
         by_size = collections.defaultdict(list)
@@ -1096,33 +1063,30 @@ def figure_3c(rs, dataset, path):
         ax.errorbar(sizes, [np.mean(by_size[s]) for s in sizes], [np.std(by_size[s]) for s in sizes],
                     color=_color(model), marker="s", capsize=3,
                     label=f"{model} (beta {', '.join(_number(b) for b in sorted(betas))})")
-    ax.set_xlabel("observations per group (--group-size)")
-    ax.set_ylabel("MIG")
+    _finish(ax, "observations per group (--group-size)", "MIG")
     _title(ax, f"Figure 3(c), {dataset}: the baselines' MIG against the group size (each run a dot; mean and sd per "
                "size, at the betas in the legend)", 5.5)
-    _legend(ax)
-    save_figure(fig, path, 110)
-    return True
+    return fig
 
 
 def _scores_csv(folder):
     """A run's scores over training (its scores.csv), whole rows only; [] where it has none."""
     path = Path(folder) / "scores.csv"
     try:
-        return [r for r in csv.DictReader(io.StringIO(_read(path).decode())) if gt.whole_row(r)] \
+        return [r for r in csv.DictReader(_read(path).decode().splitlines()) if gt.whole_row(r)] \
             if os.path.lexists(path) else []
     except (OSError, ValueError, csv.Error) as error:
         _err(f"leaving out {_shown(path)}: {getattr(error, 'strerror', None) or error}")
         return []
 
 
-def figure_scores(rs, dataset, path):
+def figure_scores(rs, dataset):
     """Scores over training (--eval-every): per setting, the mean over seeds (thick) and each seed (thin); a colour
-    per model, a line style per setting of a model. -> whether it was drawn."""
+    per model, a line style per setting of a model. -> the figure, or None."""
     logs = {id(m): rows for m in rs if (rows := _scores_csv(m["path"]))}
-    settings = sorted({setting(m) for m in rs if id(m) in logs}, key=_setting_order)
+    settings = sorted({setting(m) for m in rs if id(m) in logs}, key=_order)
     if not settings:
-        return False
+        return None
     fig, axes = _figure(len(PAPER_SCORES), 5.5, 4.2)
     for ax, key in zip(axes[0], PAPER_SCORES):
         for row in settings:
@@ -1137,10 +1101,8 @@ def figure_scores(rs, dataset, path):
                     marker=".", label=f"{row[0]} beta {_number(row[1])}"
                     + (f" gamma {_number(row[2])}" if row[2] else "") + f" (n={len(curves)})")
         _title(ax, f"{SCORES[key]} over training, {dataset} (per setting: mean over seeds; thin: each seed)", 5.5)
-        ax.set_xlabel("step")
-        _legend(ax)
-    save_figure(fig, path, 110)
-    return True
+        _finish(ax, "step")
+    return fig
 
 
 def _our_out(out):
@@ -1168,6 +1130,8 @@ def summarize(runs_dir, out=None):
     out = runs_dir / "summary" if out is None else Path(out)
     if not runs_dir.is_dir():
         raise gt.UserError(f"summarize: {_shown(runs_dir)} is not a folder; point it at a folder of runs")
+    if os.path.lexists(out) and not out.is_dir():
+        raise gt.UserError(f"summarize: --out {_shown(out)} is not a folder; give --out a folder (or leave it out)")
     stale = _our_out(out) if out.is_dir() else []
     runs, unfinished = load_runs(runs_dir)
     if not runs:
@@ -1203,7 +1167,9 @@ def summarize(runs_dir, out=None):
                  + "; ".join(sorted({f"{run_label(m)} beta {_number(m['beta'])} gamma {_number(m['gamma'])}"
                                      for m in off})) + "); the tables have them")
         for kind, draw in zip(FIGURES, (figure_4, figure_3b, figure_3c, figure_scores)):
-            drawn += [f"{kind}_{dataset}.png"] if draw(rs, dataset, out / f"{kind}_{dataset}.png") else []
+            if fig := draw(rs, dataset):
+                save_figure(fig, out / f"{kind}_{dataset}.png", 110)
+                drawn.append(f"{kind}_{dataset}.png")
     sys.stdout.write(text.encode(sys.stdout.encoding or "utf-8", "backslashreplace").decode(sys.stdout.encoding
                                                                                             or "utf-8"))
     _err(f"wrote results.md{' and ' + ', '.join(drawn) if drawn else ''} to {_shown(out)}")
@@ -1243,12 +1209,9 @@ def main(argv=None):
             return score(args.runs, args.metrics, args.data_dir)
         summarize(args.runs_dir, args.out)
         return 0
-    except gt.UserError as error:
-        _err(f"error: {error}")
-        return error.exit_code
-    except OSError as error:  # the one place where a failed write or read becomes a message
-        _err(f"error: could not write or read {_shown(error.filename or 'a file')}: {error.strerror or error}")
-        return 1
+    except (gt.UserError, OSError) as error:  # the one place where bad input, or a failed write or read, is a line
+        _err(_failure(error))
+        return getattr(error, "exit_code", 1)
     except KeyboardInterrupt:
         _err("\ninterrupted; every file written so far is whole (each is written at once or not at all)")
         return 130

@@ -16,7 +16,7 @@
 #   ablation     TC levels inter_intra, full at (ABLATION_BETA, ABLATION_GAMMA) .. 10 runs
 #   Ada          Ada-GVAE, Ada-ML-VAE: beta {1,2,4,6,8,16} x 5 seeds x PAIRS ..... 60 runs
 #   = 310 runs per data set, 620 processes for dsprites and shapes3d, 300,000 steps each.
-# GPU time, from steps measured on one H100 running one process (benchmarks/gpu.sh, README "Speed"): group-tcVAE
+# GPU time, from steps measured on one H100 running one process (benchmarks/gpu.sh, docs/speed.md): group-tcVAE
 # 2.05 ms/step (10.3 min a run), MLVAE/GVAE 1.4 ms/step (7 min a run) at 32 pairs, the Ada models as MLVAE/GVAE (not
 # measured); per data set 160 group-tcVAE runs and 150 others = about 45 GPU-hours, about 90 for both data sets, plus
 # a few seconds of evaluation per run. Groups of 3 to 10 and 3D Shapes' 3 channels make some steps longer (not

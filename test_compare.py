@@ -413,6 +413,17 @@ def test_factor_vae_score_encodes_each_point_once_and_scores_as_vote_by_vote():
     assert 0.5 < got["factor_vae_score"] < 1
 
 
+def test_factor_vae_score_on_a_grid_of_more_points_than_64_bits_count():
+    """20 factors of 10 values (10^20 points): before, each point's flat index overflowed int64 and the votes were
+    scored on other points than drawn (0.04 here, where vote by vote gives 0.31)."""
+    sizes, kw = [10] * 20, dict(n_train=300, n_eval=200, n_var=200, batch_size=8, prune=0.05)
+    encode = lambda f: f[:, :6] + 0.01 * f[:, 6:12]  # noqa: E731
+    got = cp.factor_vae_score(encode, sizes, 3, **kw)
+    want_train, want_eval = slow_factor_vae(encode, sizes, 3, **kw)
+    assert (got["factor_vae_train_accuracy"], got["factor_vae_score"]) == pytest.approx((want_train, want_eval),
+                                                                                         abs=1e-15)
+
+
 # --- bad arguments (issue 44: D16, D17, D18) -------------------------------------------------------------------
 def _bad_points():
     rng = np.random.default_rng(11)
@@ -462,6 +473,19 @@ def test_the_metrics_refuse_bad_arguments():
         cp.linear_svc_1d(z[:, 0], np.r_[np.zeros(50, int), np.full(50, 3)], 3)
     with pytest.raises(ValueError, match="float32's range"):
         cp.dci(z * 1e40, f, z, f)
+    # before: n_stages 0 scored all-zero importances, a NaN rate or an infinite C NaN coefficients, seeds beyond 32
+    # bits (or below 0) the same trees as others, and a `words` argument of another array's sorting crashed Python
+    y = f[:, 0]
+    for bad in ({"n_stages": 0}, {"max_depth": 0}, {"max_depth": 40}, {"learning_rate": np.nan}, {"seed": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            cp.gbt_classifier(z, y, z, **bad)
+    with pytest.raises(TypeError, match="words"):
+        cp.gbt_classifier(z, y, z, words=cp.sorted_words(z[:10].astype(np.float32)))
+    for seed in (-1, 2 ** 32):
+        with pytest.raises(ValueError, match="seed"):
+            cp.dci(z, f, z, f, seed=seed)
+    with pytest.raises(ValueError, match="C be a positive number"):
+        cp.linear_svc_1d(z[:, 0], y, 3, C=np.inf)
     sizes = [3, 4]
     with pytest.raises(ValueError, match="the codes encode\\(\\) returned hold"):
         cp.factor_vae_score(lambda c: np.full((len(c), 3), np.nan), sizes, 0, n_var=10)  # D18
@@ -545,6 +569,23 @@ def test_score_goes_on_past_the_runs_it_cannot_score(tiny_run, tmp_path, capsys)
     assert "modularity" not in json.loads((other_step / "metrics.json").read_text())
 
 
+def test_score_refuses_a_held_run_and_a_checkpoint_of_wrong_settings(tiny_run, tmp_path, capsys):
+    """Before: a run held by grouptc.py (evaluating it anew) or by another `score` was scored all the same, and of
+    the two metrics.json written one was lost; a checkpoint whose eval_samples is -5 was a RuntimeError traceback."""
+    held, bad = copy_run(tiny_run, tmp_path / "held"), copy_run(tiny_run, tmp_path / "bad")
+    before = (held / "metrics.json").read_bytes()
+    c = torch.load(bad / "checkpoint.pt", weights_only=True)
+    torch.save(c | {"args": c["args"] | {"eval_samples": -5}}, bad / "checkpoint.pt")
+    m = json.loads((bad / "metrics.json").read_text())
+    (bad / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "eval_samples"}))
+    with gt.RunFolderLock(held):
+        assert cp.main(["score", str(held), str(bad), "--metrics", "modularity"]) == 1
+    err = capsys.readouterr().err
+    assert f"{held} is in use by another process" in err and (held / "metrics.json").read_bytes() == before
+    assert "eval_samples must be a whole number >= 0, got -5" in err and "Traceback" not in err
+    assert cp.main(["score", str(held), "--metrics", "modularity"]) == 0  # let go: scored
+
+
 def test_score_takes_only_the_metrics_it_knows(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         cp.main(["score", str(tmp_path), "--metrics", "dci,mig"])
@@ -598,13 +639,17 @@ def test_summary_skips_metrics_of_the_wrong_structure(tiny_run, tmp_path, capsys
     ("metrics", "steps", True, "its steps is True, not a whole number"),
     ("config", "beta", "ten", "its beta is 'ten', not a number"),
     ("config", "content_factors", 5, "config.json is not one of grouptc.py"),
+    ("metrics", "sap", 0.1, "KeyError: 'sap_matrix'"),  # a score without its matrix: before, a KeyError traceback
+    ("metrics", "dci_completeness", 0.1, "do not agree"),  # (with a dci_importance of 2 x 2, below)
+    ("metrics", "dataset", "a/b", "is not a plain name"),  # before, its figure could not be written: exit 1
 ])
 def test_a_run_with_a_field_of_the_wrong_type_is_skipped_with_a_line(tmp_path, capsys, where, field, value, message):
     """D3: before, one such run stopped the whole summary with a traceback and no results.md."""
     metrics_json(tmp_path / "runs" / "good")
     bad = metrics_json(tmp_path / "runs" / "bad", seed=1)
     if where == "metrics":
-        (bad / "metrics.json").write_text(json.dumps(json.loads((bad / "metrics.json").read_text()) | {field: value}))
+        (bad / "metrics.json").write_text(json.dumps(json.loads((bad / "metrics.json").read_text()) | {field: value}
+                                                     | {"dci_importance": [[0.5, 0.5], [0.5, 0.5]]}))
     else:
         config_json(bad, seed=1, **{field: value})
     assert cp.main(["summarize", str(tmp_path / "runs")]) == 0
@@ -672,6 +717,9 @@ def test_write_and_permission_failures_are_one_clear_line(tmp_path, capsys, monk
     assert cp.main(["summarize", str(runs)]) == 0
     assert f"skipping {runs / 'locked'}: cannot read it (Permission denied)" in capsys.readouterr().err
     assert "# Results: 1 runs" in (runs / "summary" / "results.md").read_text()
+    (runs / "notes.txt").write_text("mine")  # --out a file: before, "could not write or read ...: File exists"
+    assert cp.main(["summarize", str(runs), "--out", str(runs / "notes.txt")]) == 2
+    assert f"--out {runs / 'notes.txt'} is not a folder" in capsys.readouterr().err
 
 
 @pytest.fixture
