@@ -45,11 +45,8 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
-import socket
-import stat
 import sys
 import textwrap
 import time
@@ -76,13 +73,8 @@ __all__ = [  # the library: the method, the data sources, the metrics
 
 TC_LEVELS = ("inter", "inter_intra", "full")
 
-# ================================================================================================================
-# THE METHOD
-# ================================================================================================================
-
-# ----------------------------------------------------------------------------------------------------------------
-# The group sampler: groups of observations that share every factor of one group of factors.
-# ----------------------------------------------------------------------------------------------------------------
+# THE METHOD =======================================================================================================
+# The group sampler: groups of observations that share every factor of one group of factors. -----------------------
 # A group shares the content factors or the others (probability 1/2 each); the factors of the other group are drawn
 # anew for every member. Factors live in "class space": an integer class per factor, (..., K).
 @functools.lru_cache(maxsize=None)
@@ -155,9 +147,7 @@ def sample_k_factor_pairs(factor_sizes, batch_size, k=None, exact=False, generat
     return torch.stack([first, torch.where(resampled, new, first)], 1), resampled
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model: disentanglement_lib's conv encoder / deconv decoder (64x64 inputs), and the FactorVAE discriminator D.
-# ----------------------------------------------------------------------------------------------------------------
+# Model: disentanglement_lib's conv encoder / deconv decoder (64x64 inputs), and the FactorVAE discriminator D. ----
 # The latent z = (z_\c, z_c): z_\c the first latent_dim - content_dims dims, z_c the last content_dims (Fig. 3a).
 class VAE(nn.Module):
     """The encoder q(z|x) and decoder p(x|z) of disentanglement_lib's conv VAE, for 64 x 64 images.
@@ -181,11 +171,9 @@ class VAE(nn.Module):
             nn.ConvTranspose2d(32, channels, 4, 2, 1))  # 64x64 logits
 
     def encode(self, x):
-        """(N, C, 64, 64) -> mu, logvar, each (N, L)."""
         return self.encoder(x).chunk(2, dim=-1)
 
     def decode(self, z):
-        """(N, L) -> (N, C, 64, 64) Bernoulli logits."""
         return self.decoder(z)
 
 
@@ -208,9 +196,7 @@ class Discriminator(nn.Module):
         return self.net(z)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Objectives: one small function per quantity of the paper, assembled in group_objective().
-# ----------------------------------------------------------------------------------------------------------------
+# Objectives: one small function per quantity of the paper, assembled in group_objective(). ------------------------
 # Shapes: B groups, G observations per group, L latent dims; mu, logvar (B, G, L).
 def reconstruction(logits, x):
     """-log p(x|z), Bernoulli on logits, summed over pixels: (N, C, H, W) x2 -> (N,)."""
@@ -376,16 +362,14 @@ def group_objective(model, vae, D, x, shares_content, beta, gamma, content_dims,
     return rec + kl + beta * tc + gamma * gkl, {"rec": rec, "kl": kl, "tc": tc, "group_kl": gkl}, z
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics: disentanglement_lib's discrete MIG, and the paper's group-MIG, on the same plug-in MI estimator.
-# ----------------------------------------------------------------------------------------------------------------
+# Metrics: disentanglement_lib's discrete MIG, and the paper's group-MIG, on the same plug-in MI estimator. --------
 # The histogram MI is Numba-jitted (cached on disk, compiled once).
 _mi_kernel = None
 
 
 def _get_mi_kernel():
-    """Compile (or load from Numba's cache) the two Numba kernels, the joint histograms and the columns' ranges, on
-    first use: `import grouptc` stays fast."""
+    """Compile (or load from Numba's cache) the Numba kernel of the joint histograms on first use: `import grouptc`
+    stays fast."""
     global _mi_kernel
     if _mi_kernel is None:
         import numba
@@ -433,30 +417,14 @@ def _get_mi_kernel():
                     mi[i, k] = total
             return mi, H
 
-        @numba.njit(parallel=True, cache=True)
-        def ranges(codes, n_chunks):
-            """codes (N, L) float64 -> per-column min, max, and the count of NaN / infinite entries (one pass)."""
-            N, L = codes.shape
-            lo, hi = np.full((n_chunks, L), np.inf), np.full((n_chunks, L), -np.inf)
-            bad = np.zeros(n_chunks, np.int64)
-            for chunk in numba.prange(n_chunks):
-                for n in range(chunk * N // n_chunks, (chunk + 1) * N // n_chunks):
-                    for i in range(L):
-                        x = codes[n, i]
-                        if not np.isfinite(x):
-                            bad[chunk] += 1
-                        lo[chunk, i] = min(lo[chunk, i], x)
-                        hi[chunk, i] = max(hi[chunk, i], x)
-            return lo, hi, bad.sum()  # (n_chunks, L) each: the caller takes the min / max over chunks
-
         # Numba's OpenMP layer, starting its threads on the first parallel call, sets the process's OpenMP thread
         # count to every core, and that count is torch's too (OMP_NUM_THREADS notwithstanding): training after an
         # evaluation would run on other threads than asked, and sum in another order. Start them here, once, and
         # put torch's count back; after this no metric call changes it.
         threads = torch.get_num_threads()
-        ranges(np.zeros((1, 1)), 1)
+        kernel(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1), np.int64), 1, 1)
         torch.set_num_threads(threads)
-        _mi_kernel = kernel, ranges
+        _mi_kernel = kernel
     return _mi_kernel
 
 
@@ -483,19 +451,18 @@ def mutual_info_and_entropy(codes, factors, n_bins=20):
         raise ValueError(f"codes must be (N, L) with N = len(factors) = {len(factors)} > 0, got {codes.shape}")
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
-    kernel, ranges = _get_mi_kernel()
+    if not np.isfinite(codes).all():
+        raise ValueError(f"codes contain {codes.size - np.isfinite(codes).sum()} NaN or infinite values")
+    kernel = _get_mi_kernel()
     # As many threads as torch has, at most Numba's (OMP_NUM_THREADS=1: one). Numba's default, every core,
     # oversubscribes the cores when runs share them (run_paper.sh's JOBS), and each call then waits seconds on busy
     # cores. The counts are integers, so the result is the same for any number of threads.
     before, threads = numba.get_num_threads(), min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())
     numba.set_num_threads(threads)
     try:
-        lo, hi, n_bad = ranges(codes, threads)
-        lo, hi = lo.min(0), hi.max(0)
-        if n_bad:
-            raise ValueError(f"codes contain {n_bad} NaN or infinite values")
         labels, n_classes = _factor_labels(factors)
         # numpy.histogram's edges: linspace(min, max, n_bins + 1), widened by 0.5 on each side for a constant dim.
+        lo, hi = codes.min(0), codes.max(0)
         flat = lo == hi
         lo, hi = np.where(flat, lo - 0.5, lo), np.where(flat, hi + 0.5, hi)
         edges = np.stack([np.linspace(a, b, n_bins + 1)[:-1] for a, b in zip(lo, hi)])  # (L, n_bins)
@@ -552,10 +519,7 @@ def group_mig(codes, factors, content_latents, content_factors, n_bins=20):
     return gap_score(group_gaps(mi, content_latents, content_factors), H)
 
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# The training step: the VAE's update with D frozen, then D's update on the detached codes.
-# ----------------------------------------------------------------------------------------------------------------
+# The training step: the VAE's update with D frozen, then D's update on the detached codes. ------------------------
 def train_step(vae, D, vae_opt, d_opt, x, shares_content, model="group_tcvae", beta=10.0, gamma=8.0, content_dims=5,
                tc_level="inter", generator=None, amp=False):
     """One optimisation step on one batch of groups x (B, G, C, H, W), shares_content (B,) (see group_objective).
@@ -593,17 +557,14 @@ def train_step(vae, D, vae_opt, d_opt, x, shares_content, model="group_tcvae", b
     d_opt.step()
     return out | {"d_loss": d_loss.detach(), "d_acc": d_acc.detach()}
 
-# ================================================================================================================
-# THE MACHINERY: a run, run folders, data sources, arguments, the training loop, evaluation, figures
-# ================================================================================================================
+
+# THE MACHINERY: a run, run folders, data sources, arguments, the training loop, evaluation, figures ===============
 # What the machinery knows of a model: its default beta and gamma, the terms train_step() returns for it (the
 # columns of log.csv), its colour in compare.py's figures, and whether it is a baseline with an aggregated posterior
 # (Figures 3b, 3c). A new model is an entry here and its branch in group_objective().
 ModelSpec = collections.namedtuple("ModelSpec", "beta gamma terms color baseline")
-
-
 MODELS = {
-    # the paper's grid: beta {10..100}, gamma {1..64}; see README "Defaults"
+    # the paper's grid: beta {10..100}, gamma {1..64}
     "group_tcvae": ModelSpec(10.0, 8.0, ("loss", "rec", "kl", "tc", "group_kl", "d_loss", "d_acc"), "tab:red", False),
     # Locatello et al. 2020's grid {1, 2, 4, 6, 8, 16}: its first value; gamma unused
     "mlvae": ModelSpec(1.0, 0.0, ("loss", "rec", "kl"), "tab:blue", True),
@@ -616,14 +577,10 @@ PAIRS = ("groups", "k_factors", "k_factors_exact")  # --pairs
 DATASETS = ("dsprites", "shapes3d", "dsprites_procedural", "shapes3d_procedural")
 
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# A run: its networks, optimisers and generators, drawn from its --seed.
-# ----------------------------------------------------------------------------------------------------------------
+# A run: its networks, optimisers and generators, drawn from its --seed. -------------------------------------------
 def adam(params, net, device, capturable=False):
-    """The optimisers of the reference code: the VAE's Adam(1e-4, (0.9, 0.999)), D's Adam(1e-4, (0.5, 0.9)).
-    CUDA: fused and, for the CUDA graph, capturable (one kernel, inside the graph). CPU: the default Adam (the fused
-    one was no faster there and rounds differently)."""
+    """The reference code's optimisers: the VAE's Adam(1e-4, (0.9, 0.999)), D's Adam(1e-4, (0.5, 0.9)); fused (and
+    capturable, for the CUDA graph) on CUDA; on the CPU the default one (fused was no faster and rounds otherwise)."""
     fused = {"fused": True, "capturable": capturable} if device.type == "cuda" else {}
     betas = (0.9, 0.999) if net == "vae" else (0.5, 0.9)
     return torch.optim.Adam(params, lr=1e-4, betas=betas, eps=1e-8, **fused)
@@ -644,8 +601,8 @@ class Run:
         self.data_gen = torch.Generator(device=device).manual_seed(args.seed)  # groups
         self.model_gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)  # noise, permutations
         self.step, self.train_seconds = 0, 0.0
-        self.threads = []  # the torch thread counts it trained with (the CPU's sums depend on them)
-        self.machines = []  # and the torch builds and processors (machine()): the sums depend on them too
+        # The torch thread counts and machines (machine()) it trained on, each change in order: the sums depend on them.
+        self.threads, self.machines = [], []
         self.hyper = dict(model=args.model, beta=args.beta, gamma=args.gamma, content_dims=args.content_dims,
                           tc_level=args.tc_level, generator=self.model_gen, amp=device.type == "cuda")
 
@@ -682,6 +639,13 @@ class Run:
             raise UserError(f"the checkpoint {path} was trained on data with factor sizes {tuple(c['factor_sizes'])}, "
                             f"but {self.data.name} here has {self.data.factor_sizes}: a run goes on with the data it "
                             "started on; point --data-dir at that file (or train anew in another --out)")
+
+        def load_adam(opt, saved):  # the saved moments, copied out of the memory-mapped file, into this device's Adam
+            own = opt.param_groups[0]  # (fused, capturable: as this device wants them)
+            groups = [dict(g, **{k: own[k] for k in ("fused", "capturable", "foreach", "differentiable") if k in own})
+                      for g in saved["param_groups"]]
+            state = {i: {name: v.clone() for name, v in s.items()} for i, s in saved["state"].items()}
+            opt.load_state_dict({"state": state, "param_groups": groups})
         try:
             self.vae.load_state_dict(c["vae"])
             load_adam(self.vae_opt, c["vae_opt"])
@@ -704,32 +668,16 @@ class Run:
         self.threads, self.machines = [int(n) for n in c["torch_threads"]], [str(m) for m in c["machines"]]
 
 
-def load_adam(opt, saved):
-    """A saved Adam state into `opt`: the saved hyperparameters and moments, into memory of its own (not the
-    memory-mapped checkpoint's), keeping this optimiser's implementation (fused, capturable: the device's)."""
-    own = opt.param_groups[0]
-    groups = [dict(g, **{k: own[k] for k in ("fused", "capturable", "foreach", "differentiable") if k in own})
-              for g in saved["param_groups"]]
-    state = {i: {name: v.clone() for name, v in s.items()} for i, s in saved["state"].items()}
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Run folders: errors, atomic writes, locks, checkpoints, configs read back, logs, stops.
-# ----------------------------------------------------------------------------------------------------------------
+# Run folders: errors, atomic writes, locks, checkpoints, saved flags, logs, stops. --------------------------------
 # Bad input is a UserError (one clear line from main(), never a traceback); every file is written whole or not at
 # all; a run folder is held by one process at a time; checkpoints and configs are read back without running code.
 class UserError(ValueError):
-    """A problem with the input (a flag, a data file, a run folder): the message says what was wrong and what was
-    expected."""
-
+    """Bad input (a flag, a data file, a run folder): the message says what was wrong and what was expected."""
     exit_code = 2
 
 
 class RunFolderBusy(UserError):
     """Another live process holds the run folder (run_paper.sh's workers leave such a run to it: exit status 3)."""
-
     exit_code = 3
 
 
@@ -738,8 +686,8 @@ class StopRun(Exception):
 
 
 def write_atomic(path, write):
-    """write(tmp) then rename tmp onto path: a crash, a Ctrl-C or a full disk leaves the old file or the new one,
-    never half of one, and no temporary file. An OSError goes on to main(), naming the file."""
+    """write(tmp), then rename tmp onto path: a crash, a Ctrl-C or a full disk leaves the old file or the new one,
+    never half of one nor a temporary file. An OSError goes on to main(), naming the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -760,20 +708,9 @@ def write_text_atomic(path, text):
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _disk_note(path):
-    try:
-        usage = shutil.disk_usage(Path(path).parent)
-    except OSError:
-        return ""
-    return f" (the disk holding {Path(path).parent} has {usage.free / 2 ** 20:,.0f} MiB free)"
-
-
-RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "log.csv", "scores.csv", "codes.npz")
-
-
 def check_out_folder(out):
-    """--out must be a folder (or not exist yet) under folders, named in text the file system gives back as it
-    is, and a run's files in it must be regular files: checked before any data or model is built."""
+    """--out must be a folder (or not exist yet) under folders, its path UTF-8 text, and a run's files in it regular
+    files: checked before any data or model is built."""
     out = Path(out)
     try:
         str(out).encode("utf-8")
@@ -785,9 +722,9 @@ def check_out_folder(out):
             if not p.is_dir():
                 raise UserError(f"--out {out}: {p} is a file, not a folder; choose another --out")
             break
-    for name in RUN_FILES:
+    for name in ("config.json", "checkpoint.pt", "metrics.json", "log.csv", "scores.csv", "codes.npz"):
         p = out / name
-        if (p.exists() or p.is_symlink()) and not stat.S_ISREG(os.stat(p, follow_symlinks=False).st_mode):
+        if p.is_symlink() or p.exists() and not p.is_file():
             raise UserError(f"{p} is not a regular file (a link, a folder, a pipe?); a run folder holds the files "
                             "this program wrote: move it away")
     return out
@@ -801,7 +738,6 @@ class RunFolderLock:
         self.out, self.fd = Path(out), None
 
     def __enter__(self):
-        check_out_folder(self.out)
         self.made = not self.out.exists()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -823,7 +759,7 @@ class RunFolderLock:
                 raise RunFolderBusy(f"--out {self.out} is in use by {holder}; wait for it to finish, or choose "
                                     "another --out") from None
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(self.fd, f"process {os.getpid()} on {platform.node()}\n".encode(), 0)
         return self
 
     def __exit__(self, error_type, *exc):
@@ -840,9 +776,8 @@ CHECKPOINT_FIELDS = {  # every field of a checkpoint and what it must be
 
 
 def load_checkpoint(path):
-    """A checkpoint, verified before use: the zip's CRCs (a damaged byte is refused, not trained or scored on),
-    then torch.load with weights_only=True (tensors and plain types only: loading a file never runs code from
-    it), then every field's type."""
+    """A checkpoint, verified before use: the zip's CRCs (a damaged byte is refused, not trained or scored on), then
+    torch.load(weights_only=True) (loading a file never runs code from it), then every field's type."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} is not a regular file; a checkpoint is the checkpoint.pt this program wrote")
@@ -875,74 +810,37 @@ def load_checkpoint(path):
     return c
 
 
-def read_config(path):
-    """A run folder's config.json: the flags that define its run."""
-    path = Path(path)
-    try:
-        if not path.is_file():
-            raise OSError(f"{path} is not a regular file")
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"could not read {path} ({error}); it should be the config.json this program wrote") from None
-    if not isinstance(saved, dict) or "model" not in saved:
-        raise UserError(f"{path} is not a grouptc config.json (expected an object of flags)")
-    return saved
-
-
-def prepare_run(args):
-    """Read what args.out holds, for a run about to train there (its folder held by this process) -> its
-    checkpoint (None: from step 0), or False when the run is finished: trained to its --steps and evaluated there.
-    The folder's config.json defines its run: --resume continues it from its checkpoint, or restarts it from step 0
-    when it stopped before its first checkpoint."""
-    out = Path(args.out)
-    ckpt_path, config_path = out / "checkpoint.pt", out / "config.json"
-    saved = [p.name for p in (config_path, ckpt_path, out / "metrics.json") if p.exists()]
-    if not args.resume:
-        if saved:
-            raise UserError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
-        return None
-    if not saved:
-        raise UserError(f"--resume: {out} holds no saved run (no config.json or checkpoint.pt); start the run "
-                        "without --resume")
-    for orphan in out.glob(".*.tmp"):  # left by a process killed while writing (this process holds the folder)
-        orphan.unlink(missing_ok=True)
-    if "checkpoint.pt" in saved:
-        checkpoint = load_checkpoint(ckpt_path)
-        merge_saved_args(args, checkpoint["args"], ckpt_path)  # the saved --device too, unless typed anew
-        check_one_run(args, config_path, ckpt_path)
-        if checkpoint["log_sum"].shape != (len(MODELS[args.model].terms),):
-            raise UserError(f"{ckpt_path} is not a checkpoint of the run in {out} (its running sums have shape "
-                            f"{tuple(checkpoint['log_sum'].shape)}); move the folder away and train the run anew")
-        if args.steps < checkpoint["step"]:
-            raise UserError(f"--steps {args.steps} is below the {checkpoint['step']:,} steps the run in {out} has "
-                            f"trained; give --steps {checkpoint['step']} or more (or leave it out)")
-        if args.steps == checkpoint["step"] and evaluated_at(out) == args.steps:
-            print(f"{out} is finished ({args.steps:,} steps, evaluated); nothing to do. --eval-only evaluates it "
-                  "again", file=sys.stderr)
-            return False
-        return checkpoint
-    if "config.json" in saved:
-        merge_saved_args(args, read_config(config_path), config_path)
-    if "metrics.json" in saved:  # a run's results without its checkpoint: an archive
-        if "config.json" in saved and evaluated_at(out) == args.steps:
-            print(f"{out} is finished ({args.steps:,} steps, evaluated); its checkpoint.pt is not there, so "
-                  "nothing is left to do (--eval-only needs the checkpoint too)", file=sys.stderr)
-            return False
-        raise UserError(f"--resume: {out} holds a run's results (metrics.json) but no checkpoint.pt to continue it "
-                        f"from{f' to {args.steps:,} steps' if 'config.json' in saved else ''}; put its checkpoint "
-                        "back, or train it anew in another --out (here it would overwrite them)")
-    print(f"{out} has no checkpoint (its run stopped before the first one): restarting the run its config.json "
-          "defines from step 0", file=sys.stderr)
-    return None
-
-
-def check_one_run(args, config_path, ckpt_path):
-    """The folder's config.json (if any) and its checkpoint, whose flags are now in args, describe one run."""
-    if config_path.exists():
-        saved = argparse.Namespace(**(DEFAULTS | vars(read_flags(read_config(config_path), config_path))))
-        if run_name(saved) != run_name(args):  # the name holds every run-defining flag, exactly
-            raise UserError(f"{config_path} and {ckpt_path} describe different runs; one of them was put there from "
-                            "another run: move the folder out of the way")
+def read_flags(path, saved=None):
+    """A run's saved flags (a checkpoint's args, else those of the config.json at `path`) -> {flag: value} of the
+    flags this program knows, read by the parser that reads typed flags, so that they pass the same checks."""
+    def refuse(message):
+        raise UserError(f"{path} holds a flag this program refuses: {message}")
+    if saved is None:
+        try:
+            if not path.is_file():
+                raise OSError(f"{path} is not a regular file")
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"could not read {path} ({error}); it should be the config.json this program wrote") \
+                from None
+        if not isinstance(saved, dict) or "model" not in saved:
+            raise UserError(f"{path} is not a grouptc config.json (expected an object of flags)")
+    parser = build_parser(suppress_defaults=True, on_error=refuse)
+    actions = {a.dest: a for a in parser._actions}
+    argv = []
+    for key, value in saved.items():
+        if key not in actions or key in ("help", "resume", "eval_only", "out") or value is None:
+            continue  # not a run's flag (or one of another version of this program): left out
+        flag = actions[key].option_strings[0]
+        if isinstance(actions[key], argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                refuse(f"{flag} must be true or false, got {value!r}")
+            argv += [flag] * value
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            argv.append(f"{flag}={value}")
+        else:
+            refuse(f"{flag} must be a number or text, got {value!r}")
+    return vars(parser.parse_args(argv))
 
 
 def evaluated_at(out):
@@ -955,41 +853,81 @@ def evaluated_at(out):
     return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
-def merge_saved_args(args, saved, path):
-    """A resumed or re-evaluated run keeps its saved flags; a run-defining flag typed anew must agree (and, when
-    training goes on, --eval-samples: scores.csv holds one set of points). The saved flags are read by the parser
-    that reads typed ones, and the merged flags pass the same checks."""
-    flags = vars(read_flags(saved, path))
-    if not device_available(flags.get("device", "auto")):  # a CUDA run continued where there is none, say
-        if "device" not in args.given:
-            print(f"{path.parent} was run with --device {flags['device']}, which this machine lacks: using --device "
-                  "auto", file=sys.stderr)
-        flags["device"] = DEFAULTS["device"]
-    kept = RUN_DEFINING + ("eval_samples",) * (not args.eval_only)
-    for key, value in flags.items():
-        if key in args.given and key in kept and not _same_flag(key, getattr(args, key), value, saved):
-            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the run in {path.parent} "
-                            f"({value}); leave it out to keep the saved value, or use another --out")
-        if key not in args.given:
-            setattr(args, key, value)
-    try:
-        check_args(args)
-    except UserError as error:
-        try:  # whose flag is refused: one typed now (its message names it), or a saved one?
-            check_args(argparse.Namespace(**(vars(args) | flags)))
-        except UserError:
-            raise UserError(f"{path} holds a flag this program refuses: {error}") from None
-        raise
-
-
-def _same_flag(key, typed, saved_value, saved):
-    """Whether a flag typed anew says what the saved one says (the default content factors, typed out, do)."""
-    if key == "k" and saved.get("pairs", "groups") == "groups":
-        return True  # --k means nothing on the paper's group pairs
-    if key == "content_factors":
-        return content_names(saved | {"content_factors": typed}) == content_names(saved | {"content_factors":
-                                                                                            saved_value})
-    return typed == saved_value
+def open_run(args):
+    """The run in args.out (held by this process) -> the checkpoint to start from (None: step 0), or False when it
+    is finished (trained to --steps and evaluated there). Its checkpoint (else config.json) defines the run: a
+    run-defining flag typed anew must agree, and so must --eval-samples when training goes on (scores.csv holds one
+    set of points); the merged flags pass check_args()."""
+    out = Path(args.out)
+    ckpt_path, config_path = out / "checkpoint.pt", out / "config.json"
+    saved = [p.name for p in (config_path, ckpt_path, out / "metrics.json") if p.exists()]
+    if not (args.resume or args.eval_only):
+        if saved:
+            raise UserError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+        return None
+    if not saved:
+        raise UserError(f"--resume: {out} holds no saved run (no config.json or checkpoint.pt); start the run "
+                        "without --resume")
+    for orphan in out.glob(".*.tmp"):  # left by a process killed while writing (this process holds the folder)
+        orphan.unlink(missing_ok=True)
+    checkpoint = load_checkpoint(ckpt_path) if "checkpoint.pt" in saved else None
+    if checkpoint is not None or "config.json" in saved:
+        path = ckpt_path if checkpoint is not None else config_path
+        flags = read_flags(path, checkpoint["args"] if checkpoint is not None else None)
+        try:
+            resolve_device(flags.get("device", "auto"))
+        except UserError:  # a CUDA run continued where there is none, say
+            if "device" not in args.given:
+                print(f"{out} was run with --device {flags['device']}, which this machine lacks: using --device auto",
+                      file=sys.stderr)
+            flags["device"] = DEFAULTS["device"]
+        for key, value in flags.items():
+            typed = getattr(args, key)
+            if key not in args.given:
+                setattr(args, key, value)
+            elif key in RUN_DEFINING + ("eval_samples",) * (not args.eval_only) and not (
+                    key == "k" and flags.get("pairs", "groups") == "groups"  # --k means nothing on group pairs
+                    or typed == value or key == "content_factors"  # typed out, or in another order
+                    and content_names(flags | {key: typed}) == content_names(flags)):
+                raise UserError(f"--{key.replace('_', '-')} {typed} differs from the run in {out} ({value}); leave "
+                                "it out to keep the saved value, or use another --out")
+        try:
+            check_args(args)
+        except UserError as error:
+            try:  # whose flag is refused: one typed now (its message names it), or a saved one?
+                check_args(argparse.Namespace(**(vars(args) | flags)))
+            except UserError:
+                raise UserError(f"{path} holds a flag this program refuses: {error}") from None
+            raise
+    if checkpoint is None and "metrics.json" in saved:  # a run's results without its checkpoint: an archive
+        if "config.json" in saved and evaluated_at(out) == args.steps:
+            print(f"{out} is finished ({args.steps:,} steps, evaluated); its checkpoint.pt is not there, so "
+                  "nothing is left to do (--eval-only needs the checkpoint too)", file=sys.stderr)
+            return False
+        raise UserError(f"--resume: {out} holds a run's results (metrics.json) but no checkpoint.pt to continue it "
+                        f"from{f' to {args.steps:,} steps' if 'config.json' in saved else ''}; put its checkpoint "
+                        "back, or train it anew in another --out (here it would overwrite them)")
+    if checkpoint is None:
+        print(f"{out} has no checkpoint (its run stopped before the first one): restarting the run its config.json "
+              "defines from step 0", file=sys.stderr)
+        return None
+    if config_path.exists() and run_name(argparse.Namespace(**(DEFAULTS | read_flags(config_path)))) != \
+            run_name(args):  # the name holds every run-defining flag, exactly
+        raise UserError(f"{config_path} and {ckpt_path} describe different runs; one of them was put there from "
+                        "another run: move the folder out of the way")
+    if args.eval_only:
+        return checkpoint
+    if checkpoint["log_sum"].shape != (len(MODELS[args.model].terms),):
+        raise UserError(f"{ckpt_path} is not a checkpoint of the run in {out} (its running sums have shape "
+                        f"{tuple(checkpoint['log_sum'].shape)}); move the folder away and train the run anew")
+    if args.steps < checkpoint["step"]:
+        raise UserError(f"--steps {args.steps} is below the {checkpoint['step']:,} steps the run in {out} has "
+                        f"trained; give --steps {checkpoint['step']} or more (or leave it out)")
+    if args.steps == checkpoint["step"] and evaluated_at(out) == args.steps:
+        print(f"{out} is finished ({args.steps:,} steps, evaluated); nothing to do. --eval-only evaluates it "
+              "again", file=sys.stderr)
+        return False
+    return checkpoint
 
 
 def public_args(args):
@@ -1003,13 +941,11 @@ class CsvLog:
     def __init__(self, path, columns, step):
         self.path = Path(path)
         rows = read_log(path) if self.path.is_file() and step > 0 else []
-        rows = [r for r in rows if whole_row(r, columns) and int(r["step"]) <= step]
+        rows = [[r[c] for c in columns] for r in rows if whole_row(r, columns) and int(r["step"]) <= step]
 
         def write(tmp):
             with open(tmp, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(columns)
-                writer.writerows([[r[c] for c in columns] for r in rows])
+                csv.writer(f).writerows([columns, *rows])
         write_atomic(self.path, write)
 
     def row(self, values):
@@ -1035,18 +971,15 @@ class StopRequest:
     """Ctrl-C / SIGTERM: the first asks the work to stop at its next safe point (training: after the current step,
     with a checkpoint); another, a second or more later, stops at once. (One stop can arrive twice within
     milliseconds: a batch system's cancel signals both the process and the script that runs it.)"""
-
-    def __init__(self):
-        self.requested, self.at = False, 0.0
+    requested, at = False, 0.0
 
     def __call__(self, signum, frame):
-        if self.requested:
-            if time.monotonic() - self.at > 1.0:
-                raise KeyboardInterrupt
-            return  # the same stop, twice
-        self.requested, self.at = True, time.monotonic()
-        print("\ninterrupt: stopping at the next safe point (again, a second or more later, to stop at once)",
-              file=sys.stderr)
+        if not self.requested:
+            self.requested, self.at = True, time.monotonic()
+            print("\ninterrupt: stopping at the next safe point (again, a second or more later, to stop at once)",
+                  file=sys.stderr)
+        elif time.monotonic() - self.at > 1.0:  # not the same stop, twice
+            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def installed(self):
@@ -1067,10 +1000,7 @@ class StopRequest:
 STOP = StopRequest()  # requested only while main() has it installed
 
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data sources: the official files (downloaded if missing) and the built-in renderers, factor classes -> images.
-# ----------------------------------------------------------------------------------------------------------------
+# Data sources: the official files (downloaded if missing) and the built-in renderers, factor classes -> images. ----
 # A class tuple is flattened to the row of a data set by a mixed-radix index (last factor fastest), as both
 # official files do.
 DSPRITES_FACTORS = ("shape", "scale", "orientation", "posX", "posY")
@@ -1078,7 +1008,7 @@ DSPRITES_SIZES = (3, 6, 40, 32, 32)
 # NOTE: the paper names its content split only for 3D Shapes (Sec. 4.1). For dSprites it gives none; this project
 # takes what the sprite is (shape, scale, orientation) as content and where it is (posX, posY) as the rest, the
 # split that mirrors 3D Shapes' object vs scene and gives both groups at least two factors.
-DSPRITES_CONTENT = ("shape", "scale", "orientation")  # this project's choice; non-content: posX, posY
+DSPRITES_CONTENT = ("shape", "scale", "orientation")
 SHAPES3D_FACTORS = ("floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
 SHAPES3D_SIZES = (10, 10, 10, 8, 4, 15)
 SHAPES3D_CONTENT = ("object_hue", "scale", "shape")  # the paper's Sec. 4.1; non-content: floor, wall, orientation
@@ -1126,13 +1056,10 @@ def index_to_classes(index, factor_sizes):
 
 
 class GroupedData:
-    """What every data source offers: factor names and sizes, the default content factors, and images(classes)."""
+    """A data source: factor names and sizes, the default content factors (by name), and images(classes). A
+    renderer draws a few hundred at a time (large batches of full-size images spill out of the CPU's caches)."""
 
-    name = "base"
-    factor_names = ()
-    factor_sizes = ()
-    content_factors = ()  # default content group, by name
-    channels = 1
+    name, factor_names, factor_sizes, content_factors, channels, chunk = "base", (), (), (), 1, 512
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
@@ -1143,7 +1070,10 @@ class GroupedData:
 
     def images(self, classes):
         """(B, K) LongTensor of factor classes -> (B, C, 64, 64) float tensor in [0, 1] on self.device."""
-        raise NotImplementedError
+        classes = classes.to(self.device)
+        if len(classes) <= self.chunk:
+            return self.render(classes)
+        return torch.cat([self.render(c) for c in classes.split(self.chunk)])
 
 
 class ArrayData(GroupedData):
@@ -1170,14 +1100,6 @@ def _progress(label, done, total):
         sys.stderr.flush()
 
 
-def _file_digest(path, algorithm):
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(file_name, data_dir, alternative):
     """Fetch an official file into data_dir: to a temporary name, checked against its published digest, then
     renamed into place. Any failure is a UserError that says where to put the file by hand."""
@@ -1186,6 +1108,7 @@ def download(file_name, data_dir, alternative):
     partial = target.with_name(f"{target.name}.{os.getpid()}.part")  # this process's own: only it is removed
     help_text = (f"Download {url} yourself and put it at {target}, or use the built-in renderer "
                  f"'--dataset {alternative}' (no download needed).")
+    digest = hashlib.new(algorithm)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         print(f"{file_name} not found in {data_dir}/; downloading {url}", file=sys.stderr)
@@ -1193,17 +1116,17 @@ def download(file_name, data_dir, alternative):
             total, done = int(response.headers.get("Content-Length") or 0), 0
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
+                digest.update(block)
                 done += len(block)
                 _progress(f"downloading {file_name}", done, total or done + 1)
         _progress(f"downloading {file_name}", 1, 1)
     except (OSError, ValueError) as error:
         partial.unlink(missing_ok=True)
         raise UserError(f"could not download {file_name} from {url} ({error}). {help_text}") from None
-    actual = _file_digest(partial, algorithm)
-    if actual != expected:
+    if digest.hexdigest() != expected:
         partial.unlink(missing_ok=True)
-        raise UserError(f"the download of {file_name} from {url} has {algorithm} {actual}, expected {expected}; "
-                        f"nothing was kept. {help_text}")
+        raise UserError(f"the download of {file_name} from {url} has {algorithm} {digest.hexdigest()}, expected "
+                        f"{expected}; nothing was kept. {help_text}")
     os.replace(partial, target)
     return target
 
@@ -1213,122 +1136,64 @@ def _check(condition, path, what):
         raise UserError(f"{path} is not in the official layout: {what}")
 
 
-def _read_dsprites(path):
-    """Read imgs (N, 64, 64) uint8 and the (N, 6) classes from the official npz or hdf5; check the structure."""
+def load_official(name, data_dir, device, allow_subgrid=False):
+    """dSprites or 3D Shapes from its official file in data_dir (downloaded if missing), checked against the official
+    layout (row i: the image of flat index i) and, unless allow_subgrid, the official factor grid."""
+    import h5py
+    data_dir, dsprites = Path(data_dir), name == "dsprites"
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} is a file; give the folder that holds (or will hold) the data files")
+    files = (DSPRITES_NPZ, DSPRITES_HDF5) if dsprites else ("3dshapes.h5",)
+    path = next((data_dir / n for n in files if (data_dir / n).exists()), None) or \
+        download(files[0], data_dir, f"{name}_procedural")
+    npz, t0 = path.suffix == ".npz", time.perf_counter()
+    keys = ("imgs", "latents_classes") if npz else ("imgs", "latents/classes") if dsprites else ("images", "labels")
     try:
-        if path.suffix == ".npz":
-            with np.load(path) as f:  # no allow_pickle: imgs and latents_classes do not need it
-                _check("imgs" in f.files and "latents_classes" in f.files, path,
-                       f"expected keys 'imgs' and 'latents_classes', found {sorted(f.files)}")
-                imgs, classes = f["imgs"], f["latents_classes"]  # each npz access decompresses again: read once
-        else:
-            import h5py
-            with h5py.File(path, "r") as f:
-                _check("imgs" in f and "latents/classes" in f, path,
-                       f"expected datasets 'imgs' and 'latents/classes', found {sorted(f.keys())}")
-                imgs = f["imgs"][()]  # its chunking makes single-image reads slow: read it whole
-                classes = f["latents/classes"][()]
+        with np.load(path) if npz else h5py.File(path, "r") as f:  # np.load: no allow_pickle, none needed
+            _check(all(k in f for k in keys), path, f"expected {'keys' if npz else 'datasets'} {keys[0]!r} and "
+                   f"{keys[1]!r}, found {sorted(f.keys())}")
+            images, classes = f[keys[0]], f[keys[1]][()]  # an npz decompresses at every access: each read once
+            n, shape = len(images), (64, 64) if dsprites else (64, 64, 3)
+            _check(images.dtype == np.uint8 and images.shape[1:] == shape, path,
+                   f"{keys[0]!r} should be uint8 (N, {', '.join(map(str, shape))}), got {images.dtype} {images.shape}")
+            _check(classes.shape == (n, 6) and (np.issubdtype(classes.dtype, np.integer) or not dsprites), path,
+                   f"{keys[1]!r} should be {'integer ' * dsprites}(N, 6) with N = {n}, got {classes.dtype} "
+                   f"{classes.shape}")
+            if not dsprites:  # 3D Shapes' labels are float factor VALUES; a value's class is its rank among them
+                classes = np.stack([np.unique(classes[:, k], return_inverse=True)[1].reshape(-1) for k in range(6)], 1)
+            _check(n > 0 and classes.min() >= 0, path, "factor classes must be non-negative")
+            sizes = tuple(int(s) for s in classes.max(0) + 1)
+            _check(math.prod(sizes) == n, path, f"{n} rows but factor sizes {sizes}")
+            _check(np.array_equal(classes @ index_bases(sizes), np.arange(n)), path,
+                   "rows are not ordered by factor classes (last factor fastest)")
+            if dsprites:
+                _check(sizes[0] == 1, path, f"the first factor (color) should have one value, has {sizes[0]}")
+                sizes = sizes[1:]  # color dropped
+            official = DSPRITES_SIZES if dsprites else SHAPES3D_SIZES
+            if sizes != official and not allow_subgrid:
+                raise UserError(f"{path} has factor sizes {sizes}, the official file {official}: it is not the data "
+                                "set. Use the official file, or pass --allow-subgrid to train on a smaller file in "
+                                "the official layout (a test file, say)")
+            array = images  # an npz's, read already; an HDF5 file's, read whole in chunks (3D Shapes: 5.5 GiB)
+            if not npz:
+                array = np.empty(images.shape, np.uint8)
+                for start in range(0, n, 10_000):
+                    images.read_direct(array, np.s_[start:start + 10_000], np.s_[start:start + 10_000])
+                    _progress(f"reading {path.name}", min(start + 10_000, n), n)
     except UserError:
         raise
     except Exception as error:  # a truncated zip, a broken HDF5 file, ...
-        raise UserError(f"could not read {path} as a dSprites file ({type(error).__name__}: {error}). "
-                        "Replace it with the official file, or use '--dataset dsprites_procedural'.") from None
-    _check(imgs.dtype == np.uint8 and imgs.ndim == 3 and imgs.shape[1:] == (64, 64), path,
-           f"'imgs' should be uint8 (N, 64, 64), got {imgs.dtype} {imgs.shape}")
-    _check(classes.ndim == 2 and classes.shape == (len(imgs), 6) and np.issubdtype(classes.dtype, np.integer),
-           path, f"latent classes should be integer (N, 6) with N = {len(imgs)}, got {classes.dtype} {classes.shape}")
-    return imgs, classes
-
-
-def _sizes_from_layout(classes, path):
-    """Factor sizes implied by a (N, K) class table, checked against the mixed-radix layout (row i = index i)."""
-    _check(len(classes) > 0 and classes.min() >= 0, path, "factor classes must be non-negative")
-    sizes = tuple(int(s) for s in classes.max(0) + 1)
-    _check(int(np.prod(sizes)) == len(classes), path, f"{len(classes)} rows but factor sizes {sizes}")
-    _check(np.array_equal(classes @ index_bases(sizes), np.arange(len(classes))), path,
-           "rows are not ordered by factor classes (last factor fastest)")
-    return sizes
-
-
-def _check_data_dir(data_dir):
-    data_dir = Path(data_dir)
-    if data_dir.exists() and not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir} is a file; give the folder that holds (or will hold) the data files")
-    return data_dir
-
-
-def _check_official_sizes(sizes, official, path, allow_subgrid):
-    if tuple(sizes) != tuple(official) and not allow_subgrid:
-        raise UserError(f"{path} has factor sizes {tuple(sizes)}, the official file {tuple(official)}: it is not the "
-                        "data set. Use the official file, or pass --allow-subgrid to train on a smaller file in the "
-                        "official layout (a test file, say)")
-
-
-def load_dsprites(data_dir, device, allow_subgrid=False):
-    data_dir = _check_data_dir(data_dir)
-    path = next((data_dir / n for n in (DSPRITES_NPZ, DSPRITES_HDF5) if (data_dir / n).exists()), None)
-    if path is None:
-        path = download(DSPRITES_NPZ, data_dir, "dsprites_procedural")
-    t0 = time.perf_counter()
-    imgs, classes = _read_dsprites(path)
-    sizes = _sizes_from_layout(classes, path)
-    _check(sizes[0] == 1, path, f"the first factor (color) should have one value, has {sizes[0]}")
-    _check_official_sizes(sizes[1:], DSPRITES_SIZES, path, allow_subgrid)
-    top = int(imgs.max())
+        raise UserError(f"could not read {path} as a {'dSprites' if dsprites else '3D Shapes'} file "
+                        f"({type(error).__name__}: {error}). Replace it with the official file, or use "
+                        f"'--dataset {name}_procedural'.") from None
+    top = int(array.max()) if dsprites else 0
     _check(top <= 1, path, f"dSprites pixels are 0 or 1, found values up to {top} (a 0/255 file?)")
-    print(f"loaded {path} ({len(imgs):,} images) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return ArrayData(imgs, DSPRITES_FACTORS, sizes[1:], DSPRITES_CONTENT, "dsprites", device)  # color dropped
-
-
-def load_shapes3d(data_dir, device, chunk=10_000, allow_subgrid=False):
-    import h5py
-    path = _check_data_dir(data_dir) / "3dshapes.h5"
-    if not path.exists():
-        path = download("3dshapes.h5", data_dir, "shapes3d_procedural")
-    t0 = time.perf_counter()
-    try:
-        with h5py.File(path, "r") as f:
-            _check("images" in f and "labels" in f, path,
-                   f"expected datasets 'images' and 'labels', found {sorted(f.keys())}")
-            images, labels = f["images"], f["labels"][()]
-            n = len(images)
-            _check(images.dtype == np.uint8 and images.shape[1:] == (64, 64, 3), path,
-                   f"'images' should be uint8 (N, 64, 64, 3), got {images.dtype} {images.shape}")
-            _check(labels.shape == (n, 6), path, f"'labels' should be (N, 6) with N = {n}, got {labels.shape}")
-            # Labels are float factor VALUES; the class of a value is its rank among that factor's values.
-            classes = np.stack([np.unique(labels[:, k], return_inverse=True)[1].reshape(-1) for k in range(6)], 1)
-            sizes = _sizes_from_layout(classes, path)
-            _check_official_sizes(sizes, SHAPES3D_SIZES, path, allow_subgrid)
-            array = np.empty(images.shape, np.uint8)  # 5.5 GiB for the real file, filled in chunks
-            for start in range(0, n, chunk):
-                images.read_direct(array, np.s_[start:start + chunk], np.s_[start:start + chunk])
-                _progress(f"reading {path.name}", min(start + chunk, n), n)
-    except UserError:
-        raise
-    except Exception as error:
-        raise UserError(f"could not read {path} as a 3D Shapes file ({type(error).__name__}: {error}). "
-                        "Replace it with the official file, or use '--dataset shapes3d_procedural'.") from None
     print(f"loaded {path} ({n:,} images) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return ArrayData(array, SHAPES3D_FACTORS, sizes, SHAPES3D_CONTENT, "shapes3d", device)
+    return ArrayData(array, DSPRITES_FACTORS if dsprites else SHAPES3D_FACTORS, sizes,
+                     DSPRITES_CONTENT if dsprites else SHAPES3D_CONTENT, name, device)
 
 
-class ProceduralData(GroupedData):
-    """A renderer: images drawn from their factor classes on the device, a few hundred at a time (large batches
-    of full-size intermediate images spill out of the CPU's caches)."""
-
-    chunk = 512
-
-    def images(self, classes):
-        classes = classes.to(self.device)
-        if len(classes) <= self.chunk:
-            return self.render(classes)
-        return torch.cat([self.render(c) for c in classes.split(self.chunk)])
-
-    def render(self, classes):
-        raise NotImplementedError
-
-
-class DSpritesProcedural(ProceduralData):
+class DSpritesProcedural(GroupedData):
     """dSprites-like images on the official dSprites factor grid, drawn per batch from the geometry measured on the
     real frames (binary pixels, on when the pixel centre is inside the shape). A faithful stand-in, not dSprites:
     mean IoU against real frames about 0.9995 (square), 0.997 (ellipse), 0.96 (heart)."""
@@ -1385,7 +1250,7 @@ def _hue_to_rgb(h):
     return torch.stack([rgb[..., 0] - 1, 2 - rgb[..., 1], 2 - rgb[..., 2]], -1).clamp(0, 1)
 
 
-class Shapes3DProcedural(ProceduralData):
+class Shapes3DProcedural(GroupedData):
     """A 3DShapes-like scene on the official 3D Shapes grid, drawn per batch: sky, a wall in HSV(wall_hue), a floor
     in HSV(floor_hue), an object in HSV(object_hue) with shading and a drop shadow. Object scale sets its width
     (18 * scale px), shape is one of cube (two faces once turned), cylinder (elliptic top), sphere, capsule (twice
@@ -1444,16 +1309,11 @@ class Shapes3DProcedural(ProceduralData):
 
 
 def load_dataset(name, data_dir="data", device="cpu", allow_subgrid=False):
-    """The data set called `name` (one of DATASETS) on `device`. An official file must hold the official factor
-    grid unless allow_subgrid (a smaller file in the official layout, as the tests write)."""
-    if name == "dsprites":
-        return load_dsprites(data_dir, device, allow_subgrid)
-    if name == "shapes3d":
-        return load_shapes3d(data_dir, device, allow_subgrid=allow_subgrid)
-    if name == "dsprites_procedural":
-        return DSpritesProcedural(device)
-    if name == "shapes3d_procedural":
-        return Shapes3DProcedural(device)
+    """The data set called `name` (one of DATASETS) on `device`; allow_subgrid: see load_official()."""
+    if name in ("dsprites", "shapes3d"):
+        return load_official(name, data_dir, device, allow_subgrid)
+    if name in ("dsprites_procedural", "shapes3d_procedural"):
+        return (DSpritesProcedural if name == "dsprites_procedural" else Shapes3DProcedural)(device)
     raise UserError(f"unknown data set '{name}'; expected one of {', '.join(DATASETS)}")
 
 
@@ -1476,10 +1336,7 @@ def resolve_factors(factors, factor_names):
     return indices
 
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments: every hyperparameter in one place, with its meaning and paper default.
-# ----------------------------------------------------------------------------------------------------------------
+# Arguments: every hyperparameter in one place, with its meaning and paper default. --------------------------------
 # The flags that define what a run is; a resumed or re-evaluated run keeps them from its folder.
 RUN_DEFINING = ("model", "dataset", "batch_size", "group_size", "beta", "gamma", "tc_level", "content_factors",
                 "latent_dim", "content_dims", "seed", "pairs", "k")
@@ -1529,7 +1386,7 @@ def build_parser(suppress_defaults=False, on_error=None):
            "draws them (1 or --k factors resampled, each possibly to its old value); k_factors_exact: exactly --k "
            "factors changed, as that paper's text says. The k-factor pairs only for ada_gvae and ada_mlvae, which "
            "infer what a pair shares")
-    a("--k", type=_k_value, default="rnd",
+    a("--k", type=_one(int, "k", "rnd"), default="rnd",
       help="k-factor pairs: the number of factors resampled, 1 .. (number of factors - 1), or rnd (drawn per pair)")
     a("--group-size", type=int, default=2, help="observations per group (paper: pairs)")
     a("--beta", type=_one(float, "beta"), default=None,
@@ -1568,33 +1425,27 @@ def build_parser(suppress_defaults=False, on_error=None):
     return p
 
 
-def _k_value(text):
-    """argparse type of --k: a whole number, or rnd."""
-    if text == "rnd":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or rnd, got '{text}'") from None
-
-
-def _one(kind, flag):
-    """argparse type of --seed, --beta, --gamma: one value (a list is a grid of runs: run_paper.sh's)."""
+def _one(kind, flag, word=None):
+    """argparse type of --seed, --beta, --gamma, --k: one value (a list is a grid of runs: run_paper.sh's), or
+    `word` (--k's rnd)."""
     def parse(text):
+        if text == word:
+            return text
         if "," in text:
             raise argparse.ArgumentTypeError(f"a run has one {flag}, got '{text}'; for several runs, one process "
                                              f"each, use run_paper.sh")
         try:
             return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a{'n' * (kind is int)} {kind.__name__}, got '{text}'") from None
+            expected = f"a{'n' * (kind is int)} {kind.__name__}" + (f" or {word}" if word else "")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got '{text}'") from None
     parse.__name__ = kind.__name__
     return parse
 
 
 def parse_args(argv=None):
-    """The command line -> its flags, with the model's default beta and gamma, --log-every and --out filled in,
-    and args.given: the flags the user typed. A bad flag is a UserError."""
+    """The command line -> its flags (the model's beta and gamma, --log-every, --out filled in), and args.given: the
+    flags the user typed."""
     argv = sys.argv[1:] if argv is None else list(argv)
     for word in argv:
         if word.split("=")[0] in MOVED:
@@ -1612,30 +1463,6 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = str(Path("runs") / run_name(args))
     return args
-
-
-def read_flags(saved, path):
-    """Flags saved by this program (a config.json, a checkpoint's args) -> a Namespace of those this program knows,
-    read by the parser that reads typed flags, so that they pass the same checks."""
-    def refuse(message):
-        raise UserError(f"{path} holds a flag this program refuses: {message}")
-
-    parser = build_parser(suppress_defaults=True, on_error=refuse)
-    actions = {a.dest: a for a in parser._actions}
-    argv = []
-    for key, value in saved.items():
-        if key not in actions or key in ("help", "resume", "eval_only", "out") or value is None:
-            continue  # not a run's flag (or one of another version of this program): left out
-        flag = actions[key].option_strings[0]
-        if isinstance(actions[key], argparse._StoreTrueAction):
-            if not isinstance(value, bool):
-                refuse(f"{flag} must be true or false, got {value!r}")
-            argv += [flag] * value
-        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            argv.append(f"{flag}={value}")
-        else:
-            refuse(f"{flag} must be a number or text, got {value!r}")
-    return parser.parse_args(argv)
 
 
 def _exact(x):
@@ -1672,8 +1499,7 @@ def run_name(args):
 
 
 def check_args(args):
-    """Every check of a run's flags with a message that names the flag; also run on flags read back from a run
-    folder."""
+    """Every check of a run's flags (typed, or read back from a run folder), each message naming its flag."""
     resolve_device(args.device)
     for flag in ("steps", "batch_size", "latent_dim", "content_dims", "checkpoint_every", "log_every"):
         if getattr(args, flag) <= 0:
@@ -1709,40 +1535,24 @@ def check_args(args):
     return args
 
 
-def device_available(name):
-    """Whether --device `name` is one this machine has."""
-    try:
-        resolve_device(name)
-        return True
-    except UserError:
-        return False
-
-
 def resolve_device(name):
     """--device -> a torch.device that this machine has; a clear error for a misspelt or missing one."""
+    has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device(next(kind for kind, here in has.items() if here))
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
+    if device is None or device.type not in has:
         raise UserError(f"--device: unsupported device '{name}'; expected auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
+    if not has[device.type]:
+        raise UserError(f"--device {name}: {device.type.upper()} is not available on this machine; use --device cpu "
+                        "or auto")
     return device
 
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# The training loop: the step on the device; the host looks only when logging, evaluating or checkpointing.
-# ----------------------------------------------------------------------------------------------------------------
+# The training loop: the step on the device; the host looks only when logging, evaluating or checkpointing. --------
 def build_run(args, checkpoint=None, path=None):
     """The Run of these flags on its device, loaded from its checkpoint (None: step 0)."""
     device = resolve_device(args.device)
@@ -1760,9 +1570,6 @@ def build_run(args, checkpoint=None, path=None):
     return run
 
 
-ACTIVATION_BYTES = 2 * 2 ** 20  # per image of a batch: a generous bound on what a step's activations take
-
-
 def check_memory(args):
     """A run's memory, estimated from its weights (with their gradients and Adam's two moments, float32) and its
     activations, against what the device has free: refused before anything is built when it cannot fit."""
@@ -1771,13 +1578,14 @@ def check_memory(args):
     with torch.device("meta"):  # shapes only, no memory
         nets = [VAE(channels, args.latent_dim)] + [Discriminator(args.latent_dim)] * (args.model == "group_tcvae")
     need = 16 * sum(p.numel() for n in nets for p in n.parameters()) + \
-        args.batch_size * args.group_size * ACTIVATION_BYTES
+        args.batch_size * args.group_size * 2 * 2 ** 20  # 2 MiB an image: a generous bound on a step's activations
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         try:
-            free = int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())[1]) * 1024
-        except (OSError, TypeError):
+            free = 1024 * next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                               if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
             return  # unknown here
     if need > free:
         raise UserError(f"this run needs about {need / 2 ** 20:,.0f} MiB and {device} has {free / 2 ** 20:,.0f} MiB "
@@ -1847,20 +1655,15 @@ def machine(device):
 
 
 def progress_line(step, total, names, means, ms):
-    eta = ms * (total - step) / 1000
+    eta = int(ms * (total - step) / 1000)
+    eta = f"{eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
     return (f"step {step:>{len(str(total))}}/{total}  " + "  ".join(f"{n} {v:.4g}" for n, v in zip(names, means)) +
-            f"  {ms:.1f} ms/step  ETA {format_seconds(eta)}")
-
-
-def format_seconds(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+            f"  {ms:.1f} ms/step  ETA {eta}")
 
 
 def train(args, checkpoint=None):
-    """Train the run of `args` into its folder (held by this process and read by prepare_run(): `checkpoint` is
-    its checkpoint, None for step 0) -> the Run at --steps. Writes config.json, log.csv, scores.csv (--eval-every)
-    and checkpoint.pt. A stop (STOP) ends it after the current step with a checkpoint: StopRun."""
+    """Train the run of `args` from `checkpoint` (open_run(); None: step 0) -> the Run at --steps. Writes config.json,
+    log.csv, scores.csv (--eval-every), checkpoint.pt. A stop (STOP) ends it after the step, checkpointed: StopRun."""
     out, names = Path(args.out), MODELS[args.model].terms
     ckpt_path = out / "checkpoint.pt"
     run = build_run(args, checkpoint, ckpt_path)
@@ -1913,12 +1716,11 @@ def train(args, checkpoint=None):
                             f"({dict(zip(names, means))}); stopped. The last good checkpoint is kept at "
                             f"{ckpt_path if ckpt_path.exists() else '(none written yet)'}")
         ms = 1000 * (now - last_time) / max(step - last_step, 1)
-        if step == first and not at_log:  # a first sign of life, well before the first --log-every
-            print(progress_line(step, args.steps, names, means, ms) + "  (first step: includes start-up)",
-                  file=sys.stderr)
+        if at_log or step == first:  # the first step: a sign of life, well before the first --log-every
+            print(progress_line(step, args.steps, names, means, ms)
+                  + ("" if at_log else "  (first step: includes start-up)"), file=sys.stderr)
         if at_log:
             log.row([step, *[f"{v:.6g}" for v in means], f"{ms:.2f}"])
-            print(progress_line(step, args.steps, names, means, ms), file=sys.stderr)
             log_sum, log_count = torch.zeros_like(log_sum), 0
         if at_ckpt or step == args.steps:
             run.save(ckpt_path, log_sum, log_count)
@@ -1935,19 +1737,7 @@ def train(args, checkpoint=None):
     return run
 
 
-def eval_only(args):
-    """Evaluate the run saved in args.out again: metrics.json and the figures."""
-    path = Path(args.out) / "checkpoint.pt"
-    checkpoint = load_checkpoint(path)
-    merge_saved_args(args, checkpoint["args"], path)
-    check_one_run(args, Path(args.out) / "config.json", path)
-    return evaluate_and_plot(build_run(args, checkpoint, path), args.out, args.eval_samples)
-
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation and figures: the scores of a run, Figure 3(a), Figure 5, the training curves.
-# ----------------------------------------------------------------------------------------------------------------
+# Evaluation and figures: the scores of a run, Figure 3(a), Figure 5, the training curves. -------------------------
 @torch.no_grad()
 def encode_means(vae, data, classes, batch=1024, progress=True):
     """(N, K) classes -> (N, L) encoder means as float64 numpy, encoded in batches on the data's device."""
@@ -1976,9 +1766,8 @@ def random_points(data, n_samples, seed):
 
 def evaluate(vae, data, content_factors, content_dims, n_samples=10_000, seed=0):
     """MIG and group-MIG of the encoder means of n_samples uniform random points of `data` (0: every point), as
-    disentanglement_lib draws them (10,000). content_factors: indices of the content factors; z_c is the last
-    content_dims dims of the code. -> (scores, codes, classes): scores with MIG, group-MIG, the MI matrix and what
-    they are over; codes (N, L) and classes (N, K) of the points."""
+    disentanglement_lib draws them (10,000); content_factors: indices; z_c: the last content_dims dims.
+    -> (scores: MIG, group-MIG, the MI matrix and what they are over; codes (N, L); classes (N, K))."""
     t0 = time.perf_counter()
     classes = random_points(data, n_samples, seed + 7)
     codes = encode_means(vae, data, classes)
@@ -2054,31 +1843,26 @@ def plot_mi_matrix(metrics, path):
     save_figure(fig, path, 110)
 
 
-def tile(images, pad=2):
-    """(R, C, ch, H, W) images in [0, 1] -> one (R*(H+pad)-pad, C*(W+pad)-pad, 3) numpy picture, white gaps."""
+def plot_images(images, path, row_labels, title, pad=2):
+    """(R, C, ch, H, W) images in [0, 1] drawn as one picture, R rows of C, white gaps between them."""
     R, C, ch, H, W = images.shape
     images = images.float().cpu().expand(R, C, 3, H, W) if ch == 1 else images.float().cpu()
     canvas = torch.ones(R, H + pad, C, W + pad, 3)
     canvas[:, :H, :, :W] = images.permute(0, 3, 1, 4, 2)
-    return canvas.reshape(R * (H + pad), C * (W + pad), 3)[:-pad, :-pad].numpy()
-
-
-def _image_figure(picture, path, row_labels, title, rows, cols, dpi=100):
-    plt = _plt()
-    width = max(0.75 * cols + 1.2, 4.5)
+    picture = canvas.reshape(R * (H + pad), C * (W + pad), 3)[:-pad, :-pad].numpy()
+    width = max(0.75 * C + 1.2, 4.5)
     title = fit(title, width - 1.2)
-    fig, ax = plt.subplots(figsize=(width, 0.75 * rows + 0.45 + 0.17 * (title.count("\n") + 1)))
+    fig, ax = _plt().subplots(figsize=(width, 0.75 * R + 0.45 + 0.17 * (title.count("\n") + 1)))
     ax.imshow(picture, interpolation="nearest")
-    ax.set_yticks((np.arange(rows) + 0.5) * picture.shape[0] / rows, row_labels, fontsize=8)
+    ax.set_yticks((np.arange(R) + 0.5) * picture.shape[0] / R, row_labels, fontsize=8)
     ax.set_xticks([])
     ax.set_title(title, fontsize=9)
-    save_figure(fig, path, dpi)
+    save_figure(fig, path, 100)
 
 
 @torch.no_grad()
 def plot_reconstructions(run, path, title="", n_groups=8, seed=0):
-    """Figure 5(a, c): each row one group of observations (left) and their reconstructions from the encoder
-    means (right)."""
+    """Figure 5(a, c): each row a group of observations (left), their reconstructions from the means (right)."""
     a, data = run.args, run.data
     gen = torch.Generator(device=run.device).manual_seed(seed + 11)
     if a.pairs == "groups":
@@ -2094,8 +1878,7 @@ def plot_reconstructions(run, path, title="", n_groups=8, seed=0):
     run.vae.train()
     G = a.group_size
     both = torch.cat([x.view(n_groups, G, *x.shape[1:]), rec.view(n_groups, G, *x.shape[1:])], 1)
-    _image_figure(tile(both), path, labels, f"{title}\n{G} observations of a group | their reconstructions",
-                  n_groups, 2 * G)
+    plot_images(both, path, labels, f"{title}\n{G} observations of a group | their reconstructions")
 
 
 @torch.no_grad()
@@ -2112,13 +1895,11 @@ def plot_traversals(run, codes, path, title="", n_steps=9, seed=0):
     run.vae.train()
     n_s = L - run.args.content_dims
     labels = [f"z{i + 1} ({'c' if i >= n_s else chr(92) + 'c'})" for i in range(L)]
-    _image_figure(tile(imgs), path, labels, f"{title}\ntraversals: row i varies z_i (1st to 99th percentile)",
-                  L, n_steps)
+    plot_images(imgs, path, labels, f"{title}\ntraversals: row i varies z_i (1st to 99th percentile)")
 
 
 def plot_training_curves(log_path, path, titles=None, title=""):
-    """One panel per column of a log (log.csv's terms, scores.csv's scores) against the step (rows that are not
-    whole, as a crash may leave, are left out)."""
+    """One panel per column of log.csv or scores.csv against the step (rows a crash cut short left out)."""
     plt = _plt()
     rows = [r for r in read_log(log_path) if whole_row(r)]
     if not rows:
@@ -2140,10 +1921,9 @@ def evaluate_and_plot(run, out, n_samples):
     out, a = Path(out), run.args
     print(f"evaluating on {n_samples or run.data.num_points:,} points", file=sys.stderr)
     scores, codes, factors = evaluate(run.vae, run.data, run.content_factors, a.content_dims, n_samples, a.seed)
-    got = {k: name for k, name in SCORES.items() if k in scores}
-    if not all(math.isfinite(scores[k]) for k in got):
+    if not all(math.isfinite(scores[k]) for k in SCORES):
         raise UserError(f"the evaluation on {scores['eval_samples']:,} points gave "
-                        + ", ".join(f"{name} {scores[k]}" for k, name in got.items())
+                        + ", ".join(f"{name} {scores[k]}" for k, name in SCORES.items())
                         + " (every factor took a single value there); nothing was written. "
                         f"Evaluate on more points: --eval-only --out {out} --eval-samples 10000")
     metrics = scores | {"model": a.model, "dataset": a.dataset, "steps": run.step,
@@ -2168,15 +1948,12 @@ def evaluate_and_plot(run, out, n_samples):
     STOP.check("evaluation")
     # last: a run is finished once its metrics.json stands at its steps, so its figures are there by then
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False) + "\n")
-    print("  ".join(f"{name} {scores[k]:.4f}" for k, name in got.items()) + f"  -> {out}/metrics.json",
+    print("  ".join(f"{name} {scores[k]:.4f}" for k, name in SCORES.items()) + f"  -> {out}/metrics.json",
           file=sys.stderr)
     return metrics
 
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line.
-# ----------------------------------------------------------------------------------------------------------------
+# Command line. ----------------------------------------------------------------------------------------------------
 DEFAULTS = vars(build_parser().parse_args([]))  # the flags' defaults, by name
 
 
@@ -2192,8 +1969,9 @@ def main(argv=None):
         with RunFolderLock(out), STOP.installed():  # one process writes a run folder at a time
             try:
                 if args.eval_only:
-                    eval_only(args)
-                elif (checkpoint := prepare_run(args)) is not False:
+                    run = build_run(args, open_run(args), out / "checkpoint.pt")
+                    evaluate_and_plot(run, out, args.eval_samples)
+                elif (checkpoint := open_run(args)) is not False:
                     check_memory(args)
                     evaluate_and_plot(train(args, checkpoint), out, args.eval_samples)
             except (StopRun, KeyboardInterrupt) as stop:
@@ -2208,9 +1986,11 @@ def main(argv=None):
                           "same command again to start it", file=sys.stderr)
                 return 130
             except OSError as error:  # the one place where a failed write or read becomes a message
-                where = error.filename or out
-                raise UserError(f"could not write or read {where}: {error.strerror or error}{_disk_note(where)}") \
-                    from None
+                where, note = Path(error.filename or out), ""
+                with contextlib.suppress(OSError):
+                    free = shutil.disk_usage(where.parent).free / 2 ** 20
+                    note = f" (the disk holding {where.parent} has {free:,.0f} MiB free)"
+                raise UserError(f"could not write or read {where}: {error.strerror or error}{note}") from None
         return 130 if STOP.requested else 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

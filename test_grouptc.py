@@ -594,8 +594,8 @@ def test_the_mi_kernels_leave_torchs_threads_alone():
     code = ("import numpy as np, numba, torch, grouptc as gt; before = torch.get_num_threads(); "
             "c, f = np.random.rand(500, 3), np.random.randint(0, 4, (500, 2)); gt.mutual_info_matrix(c, f); "
             "print(before, torch.get_num_threads(), numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS); "
-            "kernel, ranges = gt._get_mi_kernel(); seen = []; "
-            "gt._mi_kernel = (lambda *a: seen.append((a[-1], numba.get_num_threads())) or kernel(*a), ranges); "
+            "kernel = gt._get_mi_kernel(); seen = []; "
+            "gt._mi_kernel = lambda *a: seen.append((a[-1], numba.get_num_threads())) or kernel(*a); "
             "gt.mutual_info_matrix(c, f); torch.set_num_threads(2); gt.mutual_info_matrix(c, f); "
             "print(*seen[0], *seen[1])")
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
@@ -607,23 +607,21 @@ def test_the_mi_kernels_leave_torchs_threads_alone():
     assert (before, after, numba_after) == (1, 1, numba_default) and seen == [1, 1, most, most]
 
 
-def test_the_mi_kernels_give_the_same_counts_in_any_number_of_chunks():
-    """The kernels split the points into n_chunks parts counted in parallel (the thread count): integer counts and
-    min / max, so MI, entropies and ranges are equal, to the bit, for any number of parts."""
-    kernel, ranges = gt._get_mi_kernel()
+def test_the_mi_kernel_gives_the_same_counts_in_any_number_of_chunks():
+    """The kernel splits the points into n_chunks parts counted in parallel (the thread count): integer counts, so
+    MI and entropies are equal, to the bit, for any number of parts."""
+    kernel = gt._get_mi_kernel()
     rng = np.random.default_rng(0)
     codes = rng.normal(size=(1001, 4))
     labels = rng.integers(0, 5, size=(1001, 3))
     edges = np.stack([np.linspace(-3, 3, 21)[:-1]] * 4)
-    unfinite = codes.copy()
-    unfinite[3, 1] = np.inf  # the ranges kernel counts it (and the caller raises before the histograms)
-    first = [kernel(codes, edges, labels, 5, 1), ranges(unfinite, 1)]
+    first = kernel(codes, edges, labels, 5, 1)
     for n in (2, 7, 1001):
-        again = [kernel(codes, edges, labels, 5, n), ranges(unfinite, n)]
-        assert all(np.array_equal(a, b) for a, b in zip(first[0], again[0]))  # MI and entropies
-        lo, hi, bad = again[1]
-        assert np.array_equal(lo.min(0), first[1][0].min(0)) and np.array_equal(hi.max(0), first[1][1].max(0))
-        assert bad == first[1][2] == 1
+        assert all(np.array_equal(a, b) for a, b in zip(first, kernel(codes, edges, labels, 5, n)))
+    unfinite = codes.copy()
+    unfinite[3, 1] = np.inf  # counted, and refused before the histograms
+    with pytest.raises(ValueError, match="codes contain 1 NaN or infinite values"):
+        gt.mutual_info_and_entropy(unfinite, labels)
 
 
 def test_perfect_code_on_the_dsprites_grid_scores_0_8955():
