@@ -68,8 +68,9 @@ __all__ = [  # the library: the method, the data sources, the metrics
     "sample_groups", "sample_k_factor_pairs", "VAE", "Discriminator", "reconstruction", "kl_to_prior", "gaussian_kl",
     "average_posterior", "product_posterior", "group_kl", "tc_blocks", "permute_codes", "tc_estimate",
     "discriminator_loss", "shared_dims", "adaptive_shared_dims", "group_objective", "train_step", "adam",
-    "mutual_info_matrix", "mig", "group_mig", "load_dataset", "resolve_factors", "DSpritesProcedural",
-    "Shapes3DProcedural", "ArrayData", "encode_means", "evaluate", "main", "MODELS", "DATASETS", "TC_LEVELS"]
+    "uniform_classes", "mutual_info_matrix", "mig", "group_mig", "load_dataset", "resolve_factors",
+    "DSpritesProcedural", "Shapes3DProcedural", "ArrayData", "encode_means", "evaluate", "main", "MODELS",
+    "DATASETS", "TC_LEVELS"]
 
 TC_LEVELS = ("inter", "inter_intra", "full")
 
@@ -656,6 +657,9 @@ class Run:
                 self.data_gen.set_state(c["data_gen"])
                 self.model_gen.set_state(c["model_gen"])
             except RuntimeError:  # saved on another kind of device: its generator states do not fit these
+                if len(c["data_gen"]) == len(self.data_gen.get_state()):
+                    raise UserError(f"the checkpoint {path} holds a damaged generator state; nothing was changed. "
+                                    "Use an intact copy, or train the run anew") from None
                 print(f"note: the checkpoint's generators belong to another device; continuing with generators "
                       f"seeded from --seed and step {c['step']}", file=sys.stderr)
                 base = (self.args.seed * 1_000_003 + c["step"]) * 2 % 2 ** 63  # two roles, never one seed
@@ -798,13 +802,21 @@ def load_checkpoint(path):
                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
     if not isinstance(c, dict):
         raise UserError(f"{path} is not a grouptc checkpoint (it holds a {type(c).__name__})")
-    if "args" in c and "vae" in c and any(k not in c for k in CHECKPOINT_FIELDS):
-        raise UserError(f"{path} was written by an earlier version of grouptc.py (it lacks "
-                        f"{', '.join(k for k in CHECKPOINT_FIELDS if k not in c)}); continue it with that version")
+    version = c.get("version")  # None: before formats were numbered; such a checkpoint is read if it is whole
+    if "args" in c and "vae" in c and (version not in (None, CHECKPOINT_VERSION) or version is None and any(
+            k not in c for k in CHECKPOINT_FIELDS)):
+        written = version if version is not None else f"before {CHECKPOINT_VERSION}"
+        raise UserError(f"{path} was written by another version of grouptc.py (checkpoint format {written}; this "
+                        f"one reads format {CHECKPOINT_VERSION}); continue it with the version that wrote it")
     wrong = [k for k, kind in CHECKPOINT_FIELDS.items()
              if k not in c or not isinstance(c[k], kind) or isinstance(c[k], bool)]
-    if not wrong and (c["step"] < 0 or c["log_count"] < 0 or c["log_sum"].dim() != 1):
-        wrong = ["step" if c["step"] < 0 else "log_count" if c["log_count"] < 0 else "log_sum"]
+    if not wrong:  # and within them: counts not negative, running sums a float vector, lists of their kind
+        checks = {"step": c["step"] >= 0, "log_count": c["log_count"] >= 0,
+                  "log_sum": c["log_sum"].dim() == 1 and c["log_sum"].is_floating_point(),
+                  "torch_threads": all(type(n) is int for n in c["torch_threads"]),
+                  "machines": all(isinstance(m, str) for m in c["machines"]),
+                  "factor_sizes": all(type(n) is int and n > 0 for n in c["factor_sizes"])}
+        wrong = [k for k, ok in checks.items() if not ok]
     if wrong:
         raise UserError(f"{path} is not a grouptc checkpoint (missing or wrong: {', '.join(wrong)})")
     return c
@@ -881,14 +893,17 @@ def open_run(args):
                 print(f"{out} was run with --device {flags['device']}, which this machine lacks: using --device auto",
                       file=sys.stderr)
             flags["device"] = DEFAULTS["device"]
+        kept = RUN_DEFINING if args.eval_only else RUN_DEFINING + ("eval_samples",)  # scores.csv: one set of points
+
+        def same(key, typed, value):  # the default content factors typed out, or in another order, are the same
+            if key == "content_factors":
+                return content_names(flags | {key: typed}) == content_names(flags)
+            return typed == value or key == "k" and flags.get("pairs", "groups") == "groups"  # k: unused on groups
         for key, value in flags.items():
             typed = getattr(args, key)
             if key not in args.given:
                 setattr(args, key, value)
-            elif key in RUN_DEFINING + ("eval_samples",) * (not args.eval_only) and not (
-                    key == "k" and flags.get("pairs", "groups") == "groups"  # --k means nothing on group pairs
-                    or typed == value or key == "content_factors"  # typed out, or in another order
-                    and content_names(flags | {key: typed}) == content_names(flags)):
+            elif key in kept and not same(key, typed, value):
                 raise UserError(f"--{key.replace('_', '-')} {typed} differs from the run in {out} ({value}); leave "
                                 "it out to keep the saved value, or use another --out")
         try:
@@ -942,6 +957,7 @@ class CsvLog:
         self.path = Path(path)
         rows = read_log(path) if self.path.is_file() and step > 0 else []
         rows = [[r[c] for c in columns] for r in rows if whole_row(r, columns) and int(r["step"]) <= step]
+        self.last = int(rows[-1][0]) if rows else None  # the step of the last row kept
 
         def write(tmp):
             with open(tmp, "w", newline="") as f:
@@ -1328,10 +1344,10 @@ def resolve_factors(factors, factor_names):
         elif f in factor_names:
             indices.append(factor_names.index(f))
         else:
-            raise UserError(f"--content-factors: unknown factor '{f}'; expected names from {', '.join(factor_names)}")
+            raise UserError(f"unknown factor '{f}'; expected names from {', '.join(factor_names)}")
     indices = tuple(sorted(set(indices)))
     if not indices or len(indices) == len(factor_names):
-        raise UserError(f"--content-factors: both groups must be non-empty; got {list(factors)} out of "
+        raise UserError(f"content factors: both groups must be non-empty; got {list(factors)} out of "
                         f"{', '.join(factor_names)}")
     return indices
 
@@ -1519,7 +1535,10 @@ def check_args(args):
         if not 0 <= getattr(args, flag) <= float(np.finfo(np.float32).max):
             raise UserError(f"--{flag} must be a non-negative number a float32 holds (up to 3.4e38), got "
                             f"{getattr(args, flag)}")
-    content_names(args)  # a misspelt content factor, refused before any folder is written
+    try:
+        content_names(args)  # a misspelt content factor, refused before any folder is written
+    except UserError as error:
+        raise UserError(f"--content-factors: {error}") from None
     if args.model in ADAPTIVE and args.group_size != 2:
         raise UserError(f"--group-size {args.group_size}: {args.model} learns from pairs; use --group-size 2")
     if args.model not in ADAPTIVE and args.pairs != "groups":
@@ -1675,12 +1694,13 @@ def train(args, checkpoint=None):
     write_text_atomic(out / "config.json", json.dumps(public_args(args), indent=2) + "\n")
     log = CsvLog(out / "log.csv", ["step", *names, "ms_per_step"], run.step)
     scores = CsvLog(out / "scores.csv", ["step", *PAPER_SCORES], run.step) if args.eval_every else None
-    for saved, now, what in ((run.threads, torch.get_num_threads(), " torch thread(s)"), (run.machines,
-                                                                                         machine(device), "")):
+    # The CPU's sums depend on the thread count and the machine: each change is recorded, in order, and said.
+    for saved, now in ((run.threads, torch.get_num_threads()), (run.machines, machine(device))):
         if saved and saved[-1] != now:
-            print(f"note: {out} trained with {saved[-1]}{what} and continues with {now}{what}: the sums depend on "
-                  "it, so from here on it is not the uninterrupted run", file=sys.stderr)
-        saved += [now] if saved[-1:] != [now] else []  # each change, in order
+            print(f"note: {out} trained with {saved[-1]} and continues with {now} (threads or machine): the sums "
+                  "depend on it, so from here on it is not the uninterrupted run", file=sys.stderr)
+        if saved[-1:] != [now]:
+            saved.append(now)
 
     def sampled_step():  # one step on a fresh batch -> its terms, stacked in `names` order
         classes, shares = run.sample()
@@ -1693,6 +1713,8 @@ def train(args, checkpoint=None):
           f"of {args.group_size}, beta {args.beta:g}" + (f", gamma {args.gamma:g}, TC level {args.tc_level}"
                                                           if args.model == "group_tcvae" else "")
           + (f", {args.pairs} pairs (k {args.k})" if args.pairs != "groups" else ""), file=sys.stderr)
+    if scores is not None and run.step > 0 and run.step % args.eval_every == 0 and scores.last != run.step:
+        score_row(run, scores, run.step)  # a stop came during this step's evaluation
     first, last_step, last_time = run.step + 1, run.step, time.perf_counter()
     while run.step < args.steps and not STOP.requested:
         if graph is None:  # the loop -> train_step() -> group_objective()
@@ -1725,16 +1747,26 @@ def train(args, checkpoint=None):
         if at_ckpt or step == args.steps:
             run.save(ckpt_path, log_sum, log_count)
         if at_eval:  # scores over training, on the final evaluation's points (not counted as training)
-            s = evaluate(run.vae, run.data, run.content_factors, args.content_dims, args.eval_samples, args.seed)[0]
-            scores.row([step, *[f"{s[k]:.6g}" for k in PAPER_SCORES]])
+            if not (at_ckpt or step == args.steps):
+                run.save(ckpt_path, log_sum, log_count)  # a stop during the evaluation loses no training
+            score_row(run, scores, step)
         last_step, last_time = step, time.perf_counter()
     run.train_seconds += time.perf_counter() - last_time
     if STOP.requested and run.step < args.steps:
-        if torch.isfinite(log_sum).all():
-            run.save(ckpt_path, log_sum, log_count)
+        if not torch.isfinite(log_sum).all():  # gone NaN since the last look: the last good checkpoint stays
+            raise UserError(f"stopped at step {run.step:,} with a NaN or infinite loss; the last good checkpoint is "
+                            f"kept at {ckpt_path if ckpt_path.exists() else '(none written yet)'}")
+        run.save(ckpt_path, log_sum, log_count)
         raise StopRun(f"stopped at step {run.step:,}; checkpoint written. Continue with: python grouptc.py --resume "
                       f"--out {out}")
     return run
+
+
+def score_row(run, scores, step):
+    """MIG and group-MIG at `step` into scores.csv."""
+    a = run.args
+    s = evaluate(run.vae, run.data, run.content_factors, a.content_dims, a.eval_samples, a.seed)[0]
+    scores.row([step, *[f"{s[k]:.6g}" for k in PAPER_SCORES]])
 
 
 # Evaluation and figures: the scores of a run, Figure 3(a), Figure 5, the training curves. -------------------------
@@ -1977,7 +2009,7 @@ def main(argv=None):
             except (StopRun, KeyboardInterrupt) as stop:
                 if isinstance(stop, StopRun) and str(stop).startswith("stopped at step"):
                     print(stop, file=sys.stderr)
-                elif (out / "checkpoint.pt").exists():
+                elif (out / "checkpoint.pt").exists() or (out / "config.json").exists():
                     print(f"\ninterrupted; the files in {out} are whole (each is written at once or not at all). "
                           f"Continue with: python grouptc.py {'--eval-only' if args.eval_only else '--resume'} "
                           f"--out {out}", file=sys.stderr)

@@ -1638,14 +1638,18 @@ def test_d10_a_damaged_checkpoint_is_refused_and_nothing_is_rewritten(tmp_path, 
 @pytest.mark.parametrize("field,value,message", [
     ("step", -5, "wrong: step"), ("step", True, "wrong: step"), ("log_count", "abc", "wrong: log_count"),
     ("log_sum", torch.zeros(7), "running sums have shape (7,)"), ("train_seconds", None, "wrong: train_seconds"),
-    ("torch_threads", None, "lacks torch_threads")])
+    ("torch_threads", None, "checkpoint format before 2"), ("torch_threads", ["abc"], "wrong: torch_threads"),
+    ("log_sum", torch.zeros(3, dtype=torch.long), "wrong: log_sum"), ("version", 1, "checkpoint format 1"),
+    ("data_gen", "damaged", "damaged generator state")])
 def test_d11_every_checkpoint_field_is_checked(tmp_path, capsys, field, value, message):
     out = tmp_path / "run"
     gvae_run(out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "checkpoint.pt"}
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    if field == "torch_threads":
-        del checkpoint[field]  # an earlier version's checkpoint
+    if field == "torch_threads" and value is None:
+        del checkpoint[field], checkpoint["version"]  # an earlier version's checkpoint
+    elif value == "damaged":  # a CPU generator's state of the right size, but not one
+        checkpoint[field] = torch.full_like(checkpoint[field], 255)
     else:
         checkpoint[field] = value
     torch.save(checkpoint, out / "checkpoint.pt")
@@ -1693,3 +1697,27 @@ def test_the_discriminator_says_which_codes_it_takes():
     with pytest.raises(ValueError, match=r"takes codes \(N, 10\), got \(4, 6\)"):
         D(torch.zeros(4, 6))
     assert set(gt.__all__) <= set(dir(gt))  # the public API names what is there
+
+
+def test_a_stop_during_an_evaluation_over_training_loses_no_training(tmp_path, monkeypatch, capsys):
+    """SIGINT while the scores at step 4 are computed: the step's checkpoint is there, and the resumed run's log.csv
+    and scores.csv are an uninterrupted run's (the interrupted evaluation is done again first)."""
+    argv = ["--model", "gvae", *BASE, "--steps", "8", "--log-every", "2", "--checkpoint-every", "100",
+            "--eval-every", "4"]
+    assert gt.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    original, calls = gt.mutual_info_and_entropy, [0]
+
+    def signalled(*a, **k):
+        calls[0] += 1
+        if calls[0] == 1:  # the evaluation at step 4
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*a, **k)
+    monkeypatch.setattr(gt, "mutual_info_and_entropy", signalled)
+    assert gt.main([*argv, "--out", str(tmp_path / "b")]) == 130
+    assert "Continue with: python grouptc.py --resume" in capsys.readouterr().err
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 4
+    monkeypatch.undo()
+    assert gt.main(["--resume", "--out", str(tmp_path / "b")]) == 0
+    for name in ("log.csv", "scores.csv"):
+        a, b = (gt.read_log(tmp_path / r / name) for r in "ab")
+        assert without_time(a) == without_time(b), name
