@@ -31,7 +31,7 @@ Where each quantity of the paper lives:
     Fig. 5   reconstructions, traversals ...... plot_reconstructions(), plot_traversals()
 
 Sections: the method (group sampler -> model -> objectives -> metrics -> the training step), then the machinery
-(run folders -> data sources -> arguments -> the training loop -> evaluation and figures -> command line).
+(a run -> run folders -> data sources -> arguments -> the training loop -> evaluation and figures -> command line).
 """
 
 import argparse
