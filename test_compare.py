@@ -27,24 +27,6 @@ HERE = Path(__file__).resolve().parent
 NAMES = ["shape", "scale", "orientation", "posX", "posY"]
 
 
-@pytest.fixture(autouse=True)
-def quick_figures(request, monkeypatch):
-    """Most tests check that a figure is written, not how it looks: drawn at 10 dpi. The tests that look at the
-    pictures take `real_figures`."""
-    if "real_figures" not in request.fixturenames:
-        def save(fig, path, dpi):
-            try:
-                gt.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=10, format="png"))
-            finally:
-                cp._plt().close(fig)
-        monkeypatch.setattr(cp, "save_figure", save)
-
-
-@pytest.fixture
-def real_figures():
-    """The figures as compare.py draws them (see quick_figures)."""
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A run of 6 steps trained by grouptc.py (gvae on the built-in dSprites renderer, 300 evaluation points)."""

@@ -1,6 +1,7 @@
-"""Tests for run_paper.sh (the paper's grid, one grouptc.py process per run) and benchmarks/gpu_grid.sh. Each starts
-scripts and processes, so each uses the fewest and the smallest that keep its assertions meaningful; where running
-grouptc.py or compare.py is not the point, a stand-in python records the commands instead.
+"""Tests for run_paper.sh (the paper's grid, one grouptc.py process per run), benchmarks/gpu_grid.sh, and the studies
+(their commands, their runs computed again). Each starts scripts and processes, so each uses the fewest and the
+smallest that keep its assertions meaningful; where running grouptc.py or compare.py is not the point, a stand-in
+python records the commands instead. The slowest set-ups (@background) run beside the other tests.
 Run: python -m pytest -q test_run_paper.py"""
 
 import contextlib
@@ -17,12 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import grouptc as gt
+from conftest import background
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "run_paper.sh"
-needs_compare = pytest.mark.skipif(not (HERE / "compare.py").exists(), reason="compare.py is not written yet")
 SETTINGS = {"DATASETS", "SEEDS", "STEPS", "BATCH_SIZE", "TCVAE_BETAS", "TCVAE_GAMMAS", "TCVAE_SETTINGS", "BASE_BETAS",
             "MLVAE_BETAS", "GVAE_BETAS", "ADA_MODELS", "ADA_BETAS", "PAIRS", "K", "ONLY_MODELS", "GROUP_SIZES",
             "TC_LEVELS", "ABLATION_BETA", "ABLATION_GAMMA", "DEVICE", "EVAL_SAMPLES", "EVAL_EVERY", "LOG_EVERY",
@@ -115,11 +117,11 @@ def test_run_paper_dry_run_lists_the_whole_grid(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ a tiny grid, run
-@pytest.fixture(scope="module")
-def grid(tmp_path_factory):
+@background
+def grid(tmp):
     """A one-run grid (GVAE, 2 steps) and two run_paper.sh on its RUNS_DIR: the first's run is held stopped
     (SIGSTOP) while it trains, the second runs whole meanwhile; then the first goes on and finishes."""
-    runs = tmp_path_factory.mktemp("grid") / "runs"
+    runs = tmp / "runs"
     env = TINY | {"ONLY_MODELS": "gvae", "RUNS_DIR": str(runs)}
     start = lambda: subprocess.Popen(["bash", str(SCRIPT)], cwd=HERE, env=BASE | env, stdout=subprocess.PIPE,  # noqa
                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -146,7 +148,6 @@ def grid(tmp_path_factory):
             "second": (second.returncode, second_out, second_err)}
 
 
-@needs_compare  # the first script ends with the summary
 def test_two_run_paper_sh_on_one_runs_dir_never_train_a_run_twice(grid):
     """The second script finds the run held by the first's process: not a failure, it passes it by (exit 0, a line
     names the run left to the other) and writes no summary; the first, once it goes on, finishes the run and writes
@@ -161,7 +162,6 @@ def test_two_run_paper_sh_on_one_runs_dir_never_train_a_run_twice(grid):
     assert "wrote results.md" in err and "wrote results.md" not in grid["second"][2]
 
 
-@needs_compare
 def test_a_tiny_grid_runs_through_run_paper_and_the_summary(grid, tmp_path):
     runs = grid["runs"]
     assert [f.name for f in (runs / "dsprites_procedural").iterdir()] == [GVAE]  # at DATASET/NAME
@@ -315,19 +315,26 @@ def test_ctrl_c_stops_the_whole_run_paper_grid_after_a_checkpoint(tmp_path, how)
 
 
 # ------------------------------------------------------------------------------------------------ gpu_grid.sh
-@needs_compare
-def test_the_gpu_grid_script_runs_whole_on_the_cpu(tmp_path):
+GPU_GRID = {"DEVICE": "cpu", "PER_GPU": "1", "CAL_MODEL": "gvae", "CAL_S": "1", "CAL_LOG": "1", "QUANTUM": "2",
+            "MAX_STEPS": "2", "TRAIN_S": "5", "SEEDS": "0", "ONLY_MODELS": "gvae", "BASE_BETAS": "1",
+            "EVAL_SAMPLES": "100", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # tiny, on the CPU
+
+
+@background
+def gpu_grid(tmp):
+    """benchmarks/gpu_grid.sh at tiny sizes on the CPU -> its environment."""
+    env = GPU_GRID | {"RUNS_DIR": str(tmp / "runs"), "OUT": str(tmp / "out")}
+    done = subprocess.run(["bash", "benchmarks/gpu_grid.sh"], cwd=HERE, env=BASE | env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return env
+
+
+def test_the_gpu_grid_script_runs_whole_on_the_cpu(gpu_grid):
     """benchmarks/gpu_grid.sh at tiny sizes: calibration, training, evaluation, summary, and the files that come back
     from a device command; run again, it keeps its plan (device minutes are scarce: a broken script wastes them)."""
-    out = tmp_path / "out"
-    env = {"DEVICE": "cpu", "PER_GPU": "1", "CAL_MODEL": "gvae", "CAL_S": "1", "CAL_LOG": "1", "QUANTUM": "2",
-           "MAX_STEPS": "2", "TRAIN_S": "5", "SEEDS": "0", "ONLY_MODELS": "gvae", "BASE_BETAS": "1",
-           "EVAL_SAMPLES": "100", "RUNS_DIR": str(tmp_path / "runs"), "OUT": str(out), "PYTHON": sys.executable,
-           "OMP_NUM_THREADS": "1"}
-    run = lambda **more: subprocess.run(["bash", "benchmarks/gpu_grid.sh"], cwd=HERE, env=BASE | env | more,  # noqa
-                                        capture_output=True, text=True, timeout=600)
-    done = run()
-    assert done.returncode == 0, done.stderr[-3000:]
+    env = gpu_grid
+    out = Path(env["OUT"])
     assert sorted(p.name for p in out.iterdir()) == ["gpu_grid.tar.gz", "gpu_grid.txt", "results.md"]
     report = (out / "gpu_grid.txt").read_text()
     assert "PER_GPU=1: ms/step per process" in report and "STEPS=2 fit" in report
@@ -336,9 +343,51 @@ def test_the_gpu_grid_script_runs_whole_on_the_cpu(tmp_path):
         names = tar.getnames()
     assert sum(n.endswith("metrics.json") for n in names) == 1 and not any(n.endswith(".pt") for n in names)
     assert "| gvae | 1 | 0 | 2 | 1 |" in (out / "results.md").read_text()
-    again = run(DEADLINE_S="1")  # its plan read back, not measured again; no time left to train: it says so
+    # run again: its plan read back, not measured again; no time left to train: it says so
+    again = subprocess.run(["bash", "benchmarks/gpu_grid.sh"], cwd=HERE, env=BASE | env | {"DEADLINE_S": "1"},
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "STEPS=2 (continuing)" in again.stderr
     assert "no time left before DEADLINE_S=1" in again.stderr and "calibration" not in again.stderr
+
+
+# ------------------------------------------------------------------------------------------------ the studies
+STUDY = json.loads((HERE / "fixtures" / "cpu_study_20_steps.json").read_text())
+STUDY_XEON = json.loads((HERE / "fixtures" / "cpu_study_20_steps_intel_xeon.json").read_text())
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # torch's and oneDNN's kernels: AVX2 at most
+
+
+@background
+def study_runs(tmp):
+    """The 20-step runs of the study's group-tcVAE (TC inter) and GVAE, in one fresh process (the caps act when torch
+    loads), one thread, torch's and oneDNN's kernels capped at AVX2; no figures (not compared). -> their folder."""
+    script = ("import json, sys, grouptc as gt\n"
+              "gt.save_figure = lambda fig, path, dpi: gt._plt().close(fig)\n"
+              "for name, argv in json.loads(sys.argv[1]).items():\n"
+              "    assert gt.main(argv + ['--out', sys.argv[2] + '/' + name]) == 0\n")
+    runs = {name: STUDY[name]["argv"] for name in ("group_tcvae_inter", "gvae")}  # the fixtures also hold TC full, MLVAE
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(runs), str(tmp)], cwd=HERE, capture_output=True,
+                          text=True, env=os.environ | AVX2 | {"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return tmp
+
+
+@pytest.mark.parametrize("name", ["group_tcvae_inter", "gvae"])
+def test_the_cpu_study_runs_are_computed_byte_for_byte(study_runs, name):
+    """docs/cpu_study's runs were trained by the code of commit 42d6587 and again, for the metric suite, by that of
+    dbba711 (which passes this test), one thread a run, with AVX2 kernels: 20-step runs with their flags (the study's
+    data, batch and models, seed 1) write the log.csv and MI matrix that 42d6587 wrote (fixtures/). On an AVX-512
+    processor torch and oneDNN pick other kernels (the log differs from step 5) unless both are capped at AVX2. So
+    capped, an AMD EPYC computes what the study's machine computed; an Intel Xeon (AVX-512) still does not, except for
+    MLVAE: on it the runs must write what this code wrote there on 2026-12-03 (fixtures/, the Xeon's file)."""
+    run = study_runs / name
+    rows = [{k: v for k, v in r.items() if k != "ms_per_step"} for r in gt.read_log(run / "log.csv")]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["torch_threads"] == [1]
+    assert metrics["machines"] == [f"torch {torch.__version__}, CPU AVX2 ({gt.cpu_vendor()}), oneDNN up to AVX2"]
+    xeon = gt.cpu_vendor() == "GenuineIntel" and "avx512f" in Path("/proc/cpuinfo").read_text().split()
+    expected = STUDY_XEON[name] if xeon else STUDY[name]
+    assert rows == expected["log"]
+    assert metrics["mi_matrix"] == expected["mi_matrix"]
 
 
 def study_commands(page):
