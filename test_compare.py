@@ -874,9 +874,10 @@ def test_the_summary_shows_a_model_and_a_score_it_does_not_know(tiny_run, tmp_pa
 # ------------------------------------------------------------------------------ the committed studies' results
 def test_the_committed_results_are_what_compare_writes_from_the_committed_runs(tmp_path, monkeypatch):
     """docs/cpu_study/results.md is what `python compare.py summarize docs/cpu_study --out docs/cpu_study` writes,
-    and docs/cpu_study_30k/results.md what docs/cpu_study_30k/results.py writes (through compare.py) from the
-    committed runs of both studies: every score as committed, no figure typed in by hand; the README (or the study's
-    own) shows the 30,000-step study's table of means as it is."""
+    docs/cpu_study_30k/results.md what docs/cpu_study_30k/results.py writes (through compare.py) from the committed
+    runs of both studies, and docs/shapes3d_study/results.md what its results.py writes from its runs: every score
+    as committed, no figure typed in by hand; the README (or the study's own) shows the 30,000-step study's table of
+    means as it is."""
     monkeypatch.chdir(HERE)
     cp.summarize("docs/cpu_study", tmp_path / "3k")
     assert (tmp_path / "3k" / "results.md").read_text() == (HERE / "docs" / "cpu_study" / "results.md").read_text()
@@ -891,3 +892,10 @@ def test_the_committed_results_are_what_compare_writes_from_the_committed_runs(t
     assert len(table) == 2 + 10 and table[0].startswith("| setting | steps | seeds | MIG |")
     shown = [p for p in (HERE / "README.md", HERE / "docs" / "cpu_study_30k" / "README.md") if p.exists()]
     assert any("\n".join(table) in p.read_text() for p in shown)  # the README's, or the study's own
+    spec = importlib.util.spec_from_file_location("results_3d", HERE / "docs" / "shapes3d_study" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    (tmp_path / "3d").mkdir()
+    results.main(tmp_path / "3d")
+    written = (tmp_path / "3d" / "results.md").read_text()
+    assert written == (HERE / "docs" / "shapes3d_study" / "results.md").read_text()
