@@ -375,10 +375,9 @@ def _get_mi_kernel():
     if _mi_kernel is None:
         import numba
 
-        @numba.njit(parallel=True, cache=True)
-        def kernel(codes, edges, factors, n_classes, n_chunks):
-            """codes (N, L) float64; edges (L, n_bins) left bin edges; factors (N, K) int64 in [0, n_classes);
-            n_chunks: parts of N counted in parallel.
+        @numba.njit(cache=True)
+        def kernel(codes, edges, factors, n_classes):
+            """codes (N, L) float64; edges (L, n_bins) left bin edges; factors (N, K) int64 in [0, n_classes).
             -> (L, K) plug-in MI in nats of digitize(codes[:, i], edges[i]) and factors[:, k]; (K,) entropies."""
             N, L = codes.shape
             K = factors.shape[1]
@@ -386,21 +385,19 @@ def _get_mi_kernel():
             inverse_width = np.empty(L)
             for i in range(L):
                 inverse_width[i] = (n_bins - 1) / (edges[i, n_bins - 1] - edges[i, 0]) if n_bins > 1 else 0.0
-            counts = np.zeros((n_chunks, L, K, n_bins + 1, n_classes), np.int64)  # joint tables: bin label x class
-            for chunk in numba.prange(n_chunks):
-                for n in range(chunk * N // n_chunks, (chunk + 1) * N // n_chunks):
-                    for i in range(L):
-                        x, e = codes[n, i], edges[i]
-                        # numpy.digitize(x, e) = the number of left edges <= x, in 1..n_bins: guess it from the
-                        # bin width, then step to the exact answer against the very edges numpy made.
-                        b = min(max(int((x - e[0]) * inverse_width[i]) + 1, 1), n_bins)
-                        while b < n_bins and x >= e[b]:
-                            b += 1
-                        while b > 1 and x < e[b - 1]:
-                            b -= 1
-                        for k in range(K):
-                            counts[chunk, i, k, b, factors[n, k]] += 1
-            joint = counts.sum(axis=0)  # (L, K, n_bins + 1, vmax)
+            joint = np.zeros((L, K, n_bins + 1, n_classes), np.int64)  # joint tables: bin label x class
+            for n in range(N):
+                for i in range(L):
+                    x, e = codes[n, i], edges[i]
+                    # numpy.digitize(x, e) = the number of left edges <= x, in 1..n_bins: guess it from the bin
+                    # width, then step to the exact answer against the very edges numpy made.
+                    b = min(max(int((x - e[0]) * inverse_width[i]) + 1, 1), n_bins)
+                    while b < n_bins and x >= e[b]:
+                        b += 1
+                    while b > 1 and x < e[b - 1]:
+                        b -= 1
+                    for k in range(K):
+                        joint[i, k, b, factors[n, k]] += 1
             mi, H = np.zeros((L, K)), np.zeros(K)
             for k in range(K):
                 col = joint[0, k].sum(axis=0)  # (n_classes,) factor counts
@@ -418,13 +415,6 @@ def _get_mi_kernel():
                     mi[i, k] = total
             return mi, H
 
-        # Numba's OpenMP layer, starting its threads on the first parallel call, sets the process's OpenMP thread
-        # count to every core, and that count is torch's too (OMP_NUM_THREADS notwithstanding): training after an
-        # evaluation would run on other threads than asked, and sum in another order. Start them here, once, and
-        # put torch's count back; after this no metric call changes it.
-        threads = torch.get_num_threads()
-        kernel(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1), np.int64), 1, 1)
-        torch.set_num_threads(threads)
         _mi_kernel = kernel
     return _mi_kernel
 
@@ -446,7 +436,6 @@ def mutual_info_and_entropy(codes, factors, n_bins=20):
     """(L, K) plug-in MI in nats between each code dim, cut into n_bins equal-width bins between its min and max
     (numpy.histogram's edges, numpy.digitize's labels), and each factor; and the (K,) factor entropies.
     codes (N, L) float, factors (N, K) integer classes."""
-    import numba
     codes = np.ascontiguousarray(codes, dtype=np.float64)
     if codes.ndim != 2 or len(codes) != len(factors) or len(codes) == 0:
         raise ValueError(f"codes must be (N, L) with N = len(factors) = {len(factors)} > 0, got {codes.shape}")
@@ -454,22 +443,13 @@ def mutual_info_and_entropy(codes, factors, n_bins=20):
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
     if not np.isfinite(codes).all():
         raise ValueError(f"codes contain {codes.size - np.isfinite(codes).sum()} NaN or infinite values")
-    kernel = _get_mi_kernel()
-    # As many threads as torch has, at most Numba's (OMP_NUM_THREADS=1: one). Numba's default, every core,
-    # oversubscribes the cores when runs share them (run_paper.sh's JOBS), and each call then waits seconds on busy
-    # cores. The counts are integers, so the result is the same for any number of threads.
-    before, threads = numba.get_num_threads(), min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())
-    numba.set_num_threads(threads)
-    try:
-        labels, n_classes = _factor_labels(factors)
-        # numpy.histogram's edges: linspace(min, max, n_bins + 1), widened by 0.5 on each side for a constant dim.
-        lo, hi = codes.min(0), codes.max(0)
-        flat = lo == hi
-        lo, hi = np.where(flat, lo - 0.5, lo), np.where(flat, hi + 0.5, hi)
-        edges = np.stack([np.linspace(a, b, n_bins + 1)[:-1] for a, b in zip(lo, hi)])  # (L, n_bins)
-        return kernel(codes, edges, labels, n_classes, threads)
-    finally:
-        numba.set_num_threads(before)
+    labels, n_classes = _factor_labels(factors)
+    # numpy.histogram's edges: linspace(min, max, n_bins + 1), widened by 0.5 on each side for a constant dim.
+    lo, hi = codes.min(0), codes.max(0)
+    flat = lo == hi
+    lo, hi = np.where(flat, lo - 0.5, lo), np.where(flat, hi + 0.5, hi)
+    edges = np.stack([np.linspace(a, b, n_bins + 1)[:-1] for a, b in zip(lo, hi)])  # (L, n_bins)
+    return _get_mi_kernel()(codes, edges, labels, n_classes)
 
 
 def mutual_info_matrix(codes, factors, n_bins=20):

@@ -584,44 +584,6 @@ def test_mi_closed_forms():
     assert gt.mig(dup, v[:1000]) == 0
 
 
-def test_the_mi_kernels_leave_torchs_threads_alone():
-    """Numba's OpenMP layer set torch's thread count to every core on first use, so training after an evaluation
-    in one process ran on other threads than OMP_NUM_THREADS said (30x slower on shared cores, other sums). And the
-    kernels run on torch's count, not Numba's default of every core (which oversubscribed cores that runs share),
-    and give Numba's count back after the call."""
-    code = ("import numpy as np, numba, torch, grouptc as gt; before = torch.get_num_threads(); "
-            "c, f = np.random.rand(500, 3), np.random.randint(0, 4, (500, 2)); gt.mutual_info_matrix(c, f); "
-            "print(before, torch.get_num_threads(), numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS); "
-            "kernel = gt._get_mi_kernel(); seen = []; "
-            "gt._mi_kernel = lambda *a: seen.append((a[-1], numba.get_num_threads())) or kernel(*a); "
-            "gt.mutual_info_matrix(c, f); torch.set_num_threads(2); gt.mutual_info_matrix(c, f); "
-            "print(*seen[0], *seen[1], torch.get_num_threads())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
-                         env={k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"} | {
-                             "OMP_NUM_THREADS": "1"}, timeout=120)
-    assert len(out.stdout.split()) == 9, out.stdout + out.stderr
-    before, after, numba_after, numba_default, *seen, last = map(int, out.stdout.split())
-    most = min(2, numba_default)  # Numba's count, every core the process may use, caps torch's
-    assert (before, after, numba_after) == (1, 1, numba_default) and seen == [1, 1, most, most] and last == 2
-
-
-def test_the_mi_kernel_gives_the_same_counts_in_any_number_of_chunks():
-    """The kernel splits the points into n_chunks parts counted in parallel (the thread count): integer counts, so
-    MI and entropies are equal, to the bit, for any number of parts."""
-    kernel = gt._get_mi_kernel()
-    rng = np.random.default_rng(0)
-    codes = rng.normal(size=(1001, 4))
-    labels = rng.integers(0, 5, size=(1001, 3))
-    edges = np.stack([np.linspace(-3, 3, 21)[:-1]] * 4)
-    first = kernel(codes, edges, labels, 5, 1)
-    for n in (2, 7, 1001):
-        assert all(np.array_equal(a, b) for a, b in zip(first, kernel(codes, edges, labels, 5, n)))
-    unfinite = codes.copy()
-    unfinite[3, 1] = np.inf  # counted, and refused before the histograms
-    with pytest.raises(ValueError, match="codes contain 1 NaN or infinite values"):
-        gt.mutual_info_and_entropy(unfinite, labels)
-
-
 def test_perfect_code_on_the_dsprites_grid_scores_0_8955():
     """reference.md: an identity code of 10,000 uniform dSprites points scores about 0.8955 under 20 bins."""
     rng = np.random.default_rng(0)
@@ -644,6 +606,8 @@ def test_group_mig_is_negative_when_information_sits_in_the_wrong_group():
 def test_metrics_reject_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         gt.mutual_info_matrix(np.array([[np.nan], [1.0]]), np.array([[0], [1]]))
+    with pytest.raises(ValueError, match="codes contain 1 NaN or infinite values"):
+        gt.mutual_info_matrix(np.array([[np.inf, 0.0], [1.0, 2.0]]), np.array([[0], [1]]))
     with pytest.raises(ValueError, match="integer"):
         gt.mutual_info_matrix(np.zeros((2, 1)), np.zeros((2, 1)))
     with pytest.raises(ValueError, match="N = len"):
