@@ -1276,7 +1276,7 @@ def test_every_run_scores_mig_and_group_mig_and_writes_its_codes(tmp_path, capsy
 
 
 def test_scores_over_training_are_logged_and_resumed_exactly(tmp_path, request):
-    argv = ["--model", "gvae", "--dataset", "dsprites_procedural", "--steps", "8", "--batch-size", "4",
+    argv = ["--model", "group_tcvae", "--dataset", "dsprites_procedural", "--steps", "8", "--batch-size", "4",
             "--log-every", "2", "--checkpoint-every", "100", "--eval-samples", "300", "--device", "cpu"]
     assert gt.main(argv + ["--out", str(tmp_path / "plain")]) == 0
     assert not (tmp_path / "plain" / "scores.csv").exists()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import grouptc as gt
-from conftest import background
+from conftest import background, kill_session, spawn
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "run_paper.sh"
@@ -42,14 +42,6 @@ GVAE = NAME.format("gvae", 1, 0, "", 0)
 def run_paper(env, cwd=HERE, timeout=300):
     return subprocess.run(["bash", str(SCRIPT)], cwd=cwd, env=BASE | env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def kill_session(sid, sig):
-    """Signal every process of session `sid` (a script's, started with start_new_session)."""
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat_file.read_text().rsplit(")", 1)[1].split()[3]) == sid:
-                os.kill(int(stat_file.parent.name), sig)
 
 
 def fake_python(folder):
@@ -123,8 +115,8 @@ def grid(tmp):
     (SIGSTOP) while it trains, the second runs whole meanwhile; then the first goes on and finishes."""
     runs = tmp / "runs"
     env = TINY | {"ONLY_MODELS": "gvae", "RUNS_DIR": str(runs)}
-    start = lambda: subprocess.Popen(["bash", str(SCRIPT)], cwd=HERE, env=BASE | env, stdout=subprocess.PIPE,  # noqa
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+    start = lambda: spawn(["bash", str(SCRIPT)], cwd=HERE, env=BASE | env, stdout=subprocess.PIPE,  # noqa: E731
+                          stderr=subprocess.PIPE, text=True)
     first, second, pid = start(), None, None
     try:
         deadline = time.time() + 120
@@ -324,9 +316,10 @@ GPU_GRID = {"DEVICE": "cpu", "PER_GPU": "1", "CAL_MODEL": "gvae", "CAL_S": "1", 
 def gpu_grid(tmp):
     """benchmarks/gpu_grid.sh at tiny sizes on the CPU -> its environment."""
     env = GPU_GRID | {"RUNS_DIR": str(tmp / "runs"), "OUT": str(tmp / "out")}
-    done = subprocess.run(["bash", "benchmarks/gpu_grid.sh"], cwd=HERE, env=BASE | env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    with spawn(["bash", "benchmarks/gpu_grid.sh"], cwd=HERE, env=BASE | env, stdout=subprocess.DEVNULL,
+               stderr=subprocess.PIPE, text=True) as done:
+        err = done.communicate(timeout=600)[1]
+    assert done.returncode == 0, err[-3000:]
     return env
 
 
@@ -365,9 +358,10 @@ def study_runs(tmp):
               "for name, argv in json.loads(sys.argv[1]).items():\n"
               "    assert gt.main(argv + ['--out', sys.argv[2] + '/' + name]) == 0\n")
     runs = {name: STUDY[name]["argv"] for name in ("group_tcvae_inter", "gvae")}  # the fixtures also hold TC full, MLVAE
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(runs), str(tmp)], cwd=HERE, capture_output=True,
-                          text=True, env=os.environ | AVX2 | {"OMP_NUM_THREADS": "1"}, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    with spawn([sys.executable, "-c", script, json.dumps(runs), str(tmp)], cwd=HERE, stdout=subprocess.DEVNULL,
+               stderr=subprocess.PIPE, text=True, env=os.environ | AVX2 | {"OMP_NUM_THREADS": "1"}) as done:
+        err = done.communicate(timeout=600)[1]
+    assert done.returncode == 0, err[-2000:]
     return tmp
 
 
