@@ -9,6 +9,7 @@ step 3,000 (its own scores.csv) and every metric at step 30,000. The figures (Fi
 """
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 import shutil
@@ -20,6 +21,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 import compare  # noqa: E402
+_spec = importlib.util.spec_from_file_location("shapes3d_results", HERE.parent / "shapes3d_study" / "results.py")
+claim = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(claim)  # its claim_table(), the paper's claim over the seeds both settings have
 SHORT = HERE.parent / "cpu_study" / "runs"
 # Runs whose first 3,000 steps were not (all) trained on the AVX2 processor of the 3,000-step study (plan.md): at
 # step 3,000 they are other draws of their seeds than that study's runs.
@@ -85,6 +89,10 @@ def main(out=HERE):
              "Written by `python docs/cpu_study_30k/results.py` from the committed runs. Means of each setting's "
              "seeds (at 3,000 steps the 3,000-step study's runs; at 30,000 this study's), every metric, then each "
              "seed's MIG and group-MIG in seed order:", ""] + compact_table(runs) + [
+             "", "The paper's claim at 30,000 steps, per metric: group-tcVAE (10/8, `inter`) ahead of MLVAE and GVAE "
+             "(Ada-GVAE: a comparison of ours), over the seeds both have:", ""] + claim.claim_table(
+                 compare.load_runs(HERE / "runs")[0], "group_tcvae_beta10_gamma8_gs2_tc-inter",
+                 {s: LABELS[s] for s in LABELS if not s.startswith("group_tcvae")}) + [
              "", "What `python compare.py summarize` writes for the runs of both studies:", ""] + table + [
         "", "## Each run of 30,000 steps", "",
         "MIG and group-MIG at step 3,000 are the run's own (its scores.csv); the rest at step 30,000 (metrics.json). "
