@@ -109,7 +109,7 @@ def main(out=HERE):
              "", "Where the differences come from: group-tcVAE's score per factor minus the baseline's (the per-factor "
              "rows of the tables below), mean over the seeds both have finished. c: a content factor, \\c: the "
              "others.", ""] + factor_lead(runs, LEAD, BASELINES) + [
-             "", "Both data sets, the README's table: each setting's mean over its finished seeds, the dSprites-like "
+             "", "Both data sets side by side: each setting's mean over its finished seeds, the dSprites-like "
              "runs of [the 30,000-step study](../cpu_study_30k/README.md) (30,000 steps) and the 3DShapes-like "
              "runs here (10,000 steps):", ""] + both_data_sets(runs, dsprites_runs) + [
              "", "What `python compare.py summarize docs/shapes3d_study/runs` writes:", ""] + table
