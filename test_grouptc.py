@@ -830,17 +830,23 @@ def test_the_30k_studys_runs_at_step_3000_are_the_3k_studys_runs():
     3,000-step figures are of the same weights. Trained with one thread, as its metrics.json says, to 30,000 steps.
     The runs that trained on an Intel Xeon before step 3,000 (its kernels compute other sums: the byte-for-byte test)
     are other weights, whose scores at step 3,000 were within 0.008 of the 3k study's when they trained there for part
-    of those steps; those that trained there from step 0 are other draws of their seeds, named in plan.md."""
+    of those steps; those that trained there from step 0 are other draws of their seeds, named in plan.md. Seeds 3
+    and 4 have no 3,000-step run to compare with."""
     runs = sorted((HERE / "docs" / "cpu_study_30k" / "runs").glob("*/scores.csv"))
     assert runs
     plan = (HERE / "docs" / "cpu_study_30k" / "plan.md").read_text()
     assert all(f"`{name}`" in plan for name in XEON_BEFORE_3000 | XEON_FROM_STEP_0)
     for scores in runs:
         at = {int(r["step"]): r for r in gt.read_log(scores)}
-        short = json.loads((HERE / "docs" / "cpu_study" / "runs" / scores.parent.name / "metrics.json").read_text())
         long = json.loads((scores.parent / "metrics.json").read_text())
         assert sorted(at) == list(range(3000, 30001, 3000)) and long["steps"] == 30000, scores.parent.name
-        assert long["torch_threads"] == [1] and short["steps"] == 3000, scores.parent.name
+        assert long["torch_threads"] == [1], scores.parent.name
+        short = HERE / "docs" / "cpu_study" / "runs" / scores.parent.name / "metrics.json"
+        if long["seed"] in (3, 4):  # added by docs/shapes3d_study/plan.md; the 3,000-step study ran seeds 0, 1, 2
+            assert not short.exists(), scores.parent.name
+            continue
+        short = json.loads(short.read_text())
+        assert short["steps"] == 3000, scores.parent.name
         if scores.parent.name in XEON_FROM_STEP_0:
             continue
         for k in ("mig", "group_mig"):
