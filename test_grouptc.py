@@ -2598,7 +2598,7 @@ def test_the_committed_results_are_what_compare_writes_from_the_committed_runs(t
     docs/cpu_study_30k/results.md what docs/cpu_study_30k/results.py writes (through compare.py) from the committed
     runs of both studies, and docs/shapes3d_study/results.md what its results.py writes from its runs: every score
     as committed, no figure typed in by hand; the README (or the study's own) shows the 30,000-step study's table of
-    means as it is."""
+    means as it is, and the README the table of both data sets' means that docs/shapes3d_study/results.md has."""
     monkeypatch.chdir(HERE)
     cp.summarize("docs/cpu_study", tmp_path / "3k")
     assert (tmp_path / "3k" / "results.md").read_text() == (HERE / "docs" / "cpu_study" / "results.md").read_text()
@@ -2620,6 +2620,8 @@ def test_the_committed_results_are_what_compare_writes_from_the_committed_runs(t
     results.main(tmp_path / "3d")
     written = (tmp_path / "3d" / "results.md").read_text()
     assert written == (HERE / "docs" / "shapes3d_study" / "results.md").read_text()
+    both = written.split("\n| model (setting) | dSprites-like", 1)[1].split("\n\n")[0]  # both data sets' means
+    assert "\n| model (setting) | dSprites-like" + both + "\n" in (HERE / "README.md").read_text()  # the README's
 
 
 # ======================================== run_paper.sh, gpu_grid.sh, the studies
