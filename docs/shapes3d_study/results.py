@@ -5,7 +5,8 @@
 First the paper's claim, per metric: group-tcVAE (beta 10, gamma 8, TC inter) against each baseline, over the seeds
 both have finished, the means and their ratio (the paper: "at least 10%" more than MLVAE and GVAE on 3D Shapes),
 each seed against the baseline's same seed, and whether every group-tcVAE run is ahead of every baseline run; then
-where the differences come from, factor by factor; then what `python compare.py summarize` writes for the runs (per model, per setting, each seed, per factor) and its
+where the differences come from, factor by factor; then both data sets' means side by side (the README's table);
+then what `python compare.py summarize` writes for the runs (per model, per setting, each seed, per factor) and its
 figures. Runs still training are left out.
 """
 import contextlib
