@@ -3005,10 +3005,10 @@ def study_commands(page):
     return commands
 
 
-@pytest.mark.parametrize("study", ["cpu_study", "cpu_study_30k"])
+@pytest.mark.parametrize("study", ["cpu_study", "cpu_study_30k", "shapes3d_study"])
 def test_the_studies_commands_list_the_runs_they_say(tmp_path, study):
     """A study page's commands, given to today's run_paper.sh, list exactly the runs committed under docs/STUDY/runs
-    (whose names leave out the data set), so that a reader can run a study again as written."""
+    (the dSprites-like studies' names leave out the data set), so that a reader can run a study again as written."""
     names = []
     for env in study_commands(HERE / "docs" / study / "README.md"):
         env = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
